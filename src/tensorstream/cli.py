@@ -1,0 +1,213 @@
+"""The ``tensorstream`` command line (typer + rich).
+
+Every command that talks to Kafka takes ``--bootstrap-servers`` (env
+``TENSORSTREAM_BOOTSTRAP_SERVERS``). Without it, commands use the broker that
+``tensorstream broker`` is running on this machine, if any; ``demo`` and ``run``
+start an embedded broker themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from tensorstream import __version__
+
+app = typer.Typer(
+    name="tensorstream",
+    help="Streaming machine learning on Kafka-protocol brokers (PyTorch and TensorFlow).",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold secrets
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option("--bootstrap-servers", "-b", envvar="TENSORSTREAM_BOOTSTRAP_SERVERS",
+                 help="Kafka bootstrap servers (host:port[,host:port]). Default: the local `tensorstream broker`."),
+]
+
+STATE_FILE = Path(os.environ.get("TENSORSTREAM_HOME", Path.home() / ".tensorstream")) / "broker.json"
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _running_local_broker() -> str | None:
+    """The address written by a running ``tensorstream broker``, if its process lives."""
+    try:
+        info = json.loads(STATE_FILE.read_text())
+        os.kill(info["pid"], 0)
+        return info["bootstrap_servers"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _resolve_bootstrap(bootstrap: str | None, *, allow_embedded: bool = False) -> str | None:
+    if bootstrap:
+        return bootstrap
+    local = _running_local_broker()
+    if local:
+        console.print(f"[dim]using the local broker at {local}[/]")
+        return local
+    if allow_embedded:
+        return None
+    _fail("no Kafka broker: pass --bootstrap-servers (or set TENSORSTREAM_BOOTSTRAP_SERVERS), "
+          "or start one with `tensorstream broker` in another terminal")
+    return None  # unreachable
+
+
+@contextmanager
+def kafka_settings(bootstrap: str | None, *, allow_embedded: bool = True) -> Iterator[Any]:
+    """Yield a KafkaConfig; start an embedded broker when none is configured."""
+    from tensorstream.kafka import BrokerError, EmbeddedBroker, KafkaConfig
+
+    servers = _resolve_bootstrap(bootstrap, allow_embedded=allow_embedded)
+    if servers is not None:
+        local = servers.startswith(("127.", "localhost"))
+        cfg = KafkaConfig.from_env(servers)
+        if local and cfg.session_timeout_ms is None:
+            cfg = cfg.model_copy(update={"session_timeout_ms": 6000, "heartbeat_interval_ms": 500})
+        yield cfg
+        return
+    try:
+        broker = EmbeddedBroker().start()
+    except BrokerError as e:
+        _fail(str(e))
+    console.print(f"[dim]started the embedded broker at {broker.bootstrap_servers} (in memory)[/]")
+    try:
+        yield KafkaConfig.local(broker.bootstrap_servers)
+    finally:
+        broker.stop()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+@app.command()
+def broker(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = a free one).")] = 9092,
+) -> None:
+    """Run the embedded Kafka-protocol broker (Tansu, in memory) in the foreground; Ctrl-C stops it."""
+    from tensorstream.kafka import BrokerError, EmbeddedBroker
+
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)  # before anything is printed: callers may stop us at once
+    b = EmbeddedBroker(port=port or None)
+    try:
+        b.start()
+    except BrokerError as e:
+        _fail(str(e))
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "bootstrap_servers": b.bootstrap_servers}))
+    console.print(f"[green]broker ready[/] at [bold]{b.bootstrap_servers}[/] (in memory; data is lost on stop). "
+                  "Ctrl-C to stop.")
+    out.print(b.bootstrap_servers)
+    try:
+        while not stop and b.running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        died = not b.running and not stop
+        b.stop()
+        STATE_FILE.unlink(missing_ok=True)
+    if died:
+        _fail(f"the broker exited unexpectedly; log tail:\n{b.log_tail()}")
+    console.print("broker stopped")
+
+
+@app.command()
+def produce(
+    source: Annotated[str, typer.Argument(help="river:NAME[?k=v], or a .csv / .jsonl / .parquet file.")],
+    topic: Annotated[str, typer.Option("--topic", "-t", help="Target topic (created if missing).")],
+    bootstrap_servers: BootstrapOpt = None,
+    encoding: Annotated[str, typer.Option(help="json or frame (tensor frames of the numeric fields).")] = "json",
+    rate: Annotated[float, typer.Option(help="Records per second (0 = as fast as possible).")] = 0.0,
+    limit: Annotated[int | None, typer.Option(help="Stop after N records (required for endless generators).")] = None,
+    key_field: Annotated[str | None, typer.Option(help="Record field used as the message key.")] = None,
+    partitions: Annotated[int, typer.Option(help="Partitions when the topic is created.")] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Replay a dataset or file into a topic, at a rate or as fast as possible."""
+    from tensorstream.produce import ProduceError, produce_records
+
+    servers = _resolve_bootstrap(bootstrap_servers)
+    with kafka_settings(servers) as cfg:
+        try:
+            stats = produce_records(cfg, source, topic, encoding=encoding, rate=rate, limit=limit,
+                                    key_field=key_field, partitions=partitions, progress=not quiet)
+        except (ProduceError, FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+    console.print(f"produced [bold]{stats.records}[/] records to {topic} in {stats.seconds:.2f}s "
+                  f"({stats.records / max(stats.seconds, 1e-9):,.0f} rec/s)")
+
+
+@app.command()
+def consume(
+    topic: Annotated[str, typer.Argument(help="Topic to read.")],
+    bootstrap_servers: BootstrapOpt = None,
+    group: Annotated[str | None, typer.Option(help="Consumer group (default: a fresh one, nothing committed).")] = None,
+    decode: Annotated[str, typer.Option(help="json, frame or raw.")] = "json",
+    max_records: Annotated[int | None, typer.Option("--max", "-n", help="Stop after N records.")] = None,
+    timeout: Annotated[float, typer.Option(help="Stop after this many seconds with no new record.")] = 5.0,
+    count: Annotated[bool, typer.Option("--count", help="Print only the number of records.")] = False,
+    commit: Annotated[bool, typer.Option(help="Commit offsets of what was read (with --group).")] = False,
+) -> None:
+    """Print (or count) records from a topic, from the beginning: for debugging and tests."""
+    from tensorstream.consume import consume_records
+
+    servers = _resolve_bootstrap(bootstrap_servers)
+    with kafka_settings(servers) as cfg:
+        n = 0
+        try:
+            for line in consume_records(cfg, topic, group=group, decode=decode, max_records=max_records,
+                                        idle_timeout=timeout, commit=commit):
+                n += 1
+                if not count:
+                    out.print(line, markup=False, highlight=False, soft_wrap=True)
+        except ValueError as e:
+            _fail(str(e))
+    if count:
+        out.print(n)
+
+
+def run_cli() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

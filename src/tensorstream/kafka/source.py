@@ -1,0 +1,194 @@
+"""Consumer-group source: batched consume, explicit-offset commits, rebalance hooks.
+
+A thin wrapper over confluent-kafka's ``Consumer``: it connects lazily, never
+auto-commits (offsets are committed only when the caller says the work they
+cover is durable), and turns client errors into exceptions instead of log noise.
+
+>>> src = KafkaSource(KafkaConfig.local("127.0.0.1:9092"), group_id="g", topics=["t"])  # doctest: +SKIP
+>>> for rec in src.poll_batch(500, timeout=1.0):                                        # doctest: +SKIP
+...     handle(rec)
+>>> src.commit({("t", 0): 42})    # next offset to read on partition 0             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from tensorstream.kafka.config import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]  # (topic, partition)
+
+
+@dataclass(slots=True)
+class Record:
+    """One consumed record (the parts the pipeline uses)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
+    timestamp_ms: int | None
+
+    @classmethod
+    def from_message(cls, m: Message) -> Record:
+        ts_type, ts = m.timestamp()
+        return cls(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers(),
+                   ts if ts_type else None)
+
+
+class ConsumeError(RuntimeError):
+    """A non-retriable consumer error (the client cannot go on by itself)."""
+
+
+class KafkaSource:
+    """A member of a consumer group reading ``topics``.
+
+    ``on_assign`` / ``on_revoke`` receive lists of ``(topic, partition)``.
+    ``start_offsets`` (optional) is asked for each newly assigned partition and
+    may return the offset to start from (e.g. the offsets stored in a model
+    checkpoint) or None to use the group's committed offset.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        group_id: str,
+        topics: Iterable[str],
+        *,
+        auto_offset_reset: str = "earliest",
+        on_assign: Callable[[list[TP]], None] | None = None,
+        on_revoke: Callable[[list[TP]], None] | None = None,
+        start_offsets: Callable[[TP], int | None] | None = None,
+        **overrides: Any,
+    ):
+        self.config = config
+        self.group_id = group_id
+        self.topics = list(topics)
+        self._settings = {
+            **config.consumer_settings(),
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": auto_offset_reset,
+            # Partition EOF events let bounded readers know they reached the end.
+            "enable.partition.eof": True,
+            **overrides,
+        }
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._start_offsets = start_offsets
+        self._consumer: Consumer | None = None
+        self.assigned: set[TP] = set()
+        self.at_eof: set[TP] = set()
+
+    # -- connection -------------------------------------------------------
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer(self._settings, logger=log)
+            self._consumer.subscribe(self.topics, on_assign=self._assigned, on_revoke=self._revoked,
+                                     on_lost=self._revoked)
+        return self._consumer
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        if self._start_offsets is not None:
+            for p in partitions:
+                off = self._start_offsets((p.topic, p.partition))
+                if off is not None:
+                    p.offset = off
+            consumer.assign(partitions)  # offsets set here override the committed ones
+        self.assigned.update(tps)
+        log.info("assigned %s", tps)
+        if self._on_assign:
+            self._on_assign(tps)
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.info("revoked %s", tps)
+        if self._on_revoke:
+            self._on_revoke(tps)  # the caller commits what is durable, here, before we let go
+        self.assigned.difference_update(tps)
+        self.at_eof.difference_update(tps)
+
+    # -- reading ----------------------------------------------------------
+    def poll_batch(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
+        """Up to ``max_records`` records, waiting at most ``timeout`` seconds."""
+        msgs = self.consumer.consume(max_records, timeout)
+        out: list[Record] = []
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                out.append(Record.from_message(m))
+                self.at_eof.discard((m.topic(), m.partition()))
+            elif err.code() == KafkaError._PARTITION_EOF:
+                self.at_eof.add((m.topic(), m.partition()))
+            elif err.fatal() or not err.retriable() and err.code() in _FATAL_CODES:
+                raise ConsumeError(f"consumer error: {err.str()}")
+            else:
+                log.warning("consumer: %s", err.str())
+        return out
+
+    def pause(self, tps: Iterable[TP] | None = None) -> None:
+        self.consumer.pause(self._tps(tps))
+
+    def resume(self, tps: Iterable[TP] | None = None) -> None:
+        self.consumer.resume(self._tps(tps))
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+
+    def _tps(self, tps: Iterable[TP] | None) -> list[TopicPartition]:
+        chosen = self.assigned if tps is None else tps
+        return [TopicPartition(t, p) for t, p in chosen]
+
+    # -- offsets ----------------------------------------------------------
+    def commit(self, offsets: Mapping[TP, int]) -> None:
+        """Commit explicit offsets (the NEXT offset to read), synchronously.
+
+        Raises ``KafkaException`` if the broker refuses any of them.
+        """
+        if not offsets:
+            return
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        result = self.consumer.commit(offsets=tps, asynchronous=False)
+        failed = [tp for tp in (result or []) if tp.error is not None]
+        if failed:
+            raise KafkaException(failed[0].error)
+
+    def committed(self, tps: Iterable[TP], timeout: float = 10.0) -> dict[TP, int | None]:
+        res = self.consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=timeout)
+        return {(r.topic, r.partition): (None if r.offset == OFFSET_INVALID else r.offset) for r in res}
+
+    def group_metadata(self) -> Any:
+        """For ``send_offsets_to_transaction`` (exactly-once mode)."""
+        return self.consumer.consumer_group_metadata()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()  # leaves the group now, so the others rebalance at once
+            self._consumer = None
+        self.assigned.clear()
+
+    def __enter__(self) -> KafkaSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_FATAL_CODES = {
+    KafkaError._AUTHENTICATION,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError._SSL,
+}

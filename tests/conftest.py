@@ -1,0 +1,45 @@
+"""Shared fixtures: one real embedded broker (Tansu over TCP) for the session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tensorstream.kafka import EmbeddedBroker, KafkaAdmin, KafkaConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def broker():
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def kafka_config(broker) -> KafkaConfig:
+    return KafkaConfig.local(broker.bootstrap_servers)
+
+
+@pytest.fixture
+def admin(kafka_config) -> KafkaAdmin:
+    return KafkaAdmin(kafka_config)
+
+
+@pytest.fixture
+def topic_factory(admin):
+    """Create uniquely named topics: ``topic_factory(partitions=3) -> name``."""
+
+    def make(partitions: int = 1, prefix: str = "t") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        admin.ensure_topic(name, partitions)
+        return name
+
+    return make
+
+
+@pytest.fixture
+def group_id() -> str:
+    return f"g-{uuid.uuid4().hex[:10]}"
