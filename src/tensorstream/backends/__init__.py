@@ -1,0 +1,51 @@
+"""Framework backends behind one protocol: numpy arrays in, numpy arrays out.
+
+Importing this package imports neither torch nor tensorflow; ``make_backend``
+imports only the framework it is asked for.
+
+State names (``get_state``), shared by both frameworks for the built-in models:
+
+- ``model/{layer}.kernel`` ``[in, out]`` and ``model/{layer}.bias``; user models
+  keep their own names (torch: ``state_dict`` keys and layout; keras:
+  ``{weight index}.{variable name}``).
+- ``optim/step``; Adam ``optim/{weight}.m`` and ``.v`` (same meaning in both);
+  SGD momentum ``optim/{weight}.momentum`` (torch's buffer) or ``.velocity``
+  (keras', = -lr * buffer), converted when loaded into the other framework.
+
+>>> make_backend("jax")
+Traceback (most recent call last):
+...
+ValueError: unknown backend 'jax': choose 'torch' or 'tensorflow'
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tensorstream.backends.base import Backend
+
+__all__ = ["BACKENDS", "Backend", "make_backend"]
+
+# name -> (module, class, the top-level packages it needs, the pip extra providing them)
+_REGISTRY = {
+    "torch": ("tensorstream.backends.torch", "TorchBackend", ("torch",), "torch"),
+    "tensorflow": ("tensorstream.backends.tensorflow", "TensorflowBackend", ("tensorflow", "keras"), "tensorflow"),
+}
+BACKENDS = tuple(_REGISTRY)
+
+
+def make_backend(name: str) -> Backend:
+    """A new, unbuilt backend for ``name``; call ``build(...)`` on it next."""
+    try:
+        module_name, class_name, needs, extra = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}: choose 'torch' or 'tensorflow'") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] not in needs:
+            raise
+        raise ImportError(
+            f"backend {name!r} needs {err.name!r}, which is not installed: pip install 'tensorstream[{extra}]'"
+        ) from err
+    return getattr(module, class_name)()
