@@ -205,6 +205,94 @@ def consume(
         out.print(n)
 
 
+@app.command()
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="PIPELINE.yaml", help="The pipeline spec.")],
+    bootstrap_servers: BootstrapOpt = None,
+    backend: Annotated[str | None, typer.Option(help="Override the spec's backend: torch or tensorflow.")] = None,
+    produce_from: Annotated[str | None, typer.Option(
+        "--produce", help="First replay this source (river:NAME or a file) into the source topic.")] = None,
+    limit: Annotated[int | None, typer.Option(help="With --produce: records to produce.")] = None,
+    until_end: Annotated[bool, typer.Option("--until-end", help="Stop when the source topic is read to its end.")] = False,
+    max_records: Annotated[int | None, typer.Option(help="Stop after N records.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop after N seconds.")] = None,
+    result_json: Annotated[Path | None, typer.Option(help="Write the run's result (metrics, rates) here.")] = None,
+    save_state: Annotated[str | None, typer.Option(
+        help="At the end, write the learner state (safetensors) here: use it as model.weights for mode infer.")] = None,
+) -> None:
+    """Run a pipeline: train, infer or both, with a live progress line. Ctrl-C stops cleanly."""
+    from tensorstream.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(spec_path, backend=backend)  # validated before any connection
+    except SpecError as e:
+        _fail(str(e), code=2)
+    from tensorstream.pipeline import Pipeline, Progress
+    from tensorstream.produce import produce_records
+
+    with kafka_settings(bootstrap_servers) as cfg:
+        if produce_from:
+            produce_records(cfg, produce_from, spec.source.topic, limit=limit, progress=True)
+        status = console.status(f"[bold]{spec.name}[/] ({spec.backend}, {spec.mode}): joining the group ...")
+
+        def show(p: Progress) -> None:
+            m = p.metrics
+            metric = (f"acc {m['accuracy']:.4f} (window {m.get('accuracy_window', float('nan')):.4f})"
+                      if "accuracy" in m else (f"MAE {m['mae']:.4f}" if "mae" in m else ""))
+            lag = "?" if p.lag is None else f"{p.lag:,}"
+            status.update(f"[bold]{spec.name}[/] ({p.backend}): {p.records:,} records  "
+                          f"{p.records_per_s:,.0f} rec/s  lag {lag}  {metric}")
+
+        from tensorstream.checkpoint import StateFileError
+
+        try:
+            pipe = Pipeline(spec, cfg, on_progress=show)
+        except StateFileError as e:
+            _fail(str(e))
+        prev = signal.signal(signal.SIGTERM, lambda *_: pipe.stop())
+        with status:
+            try:
+                result = pipe.run(until_end=until_end, max_records=max_records, timeout=timeout)
+            except KeyboardInterrupt:
+                pipe.stop()
+                raise typer.Exit(130) from None
+            finally:
+                signal.signal(signal.SIGTERM, prev)
+    console.print(f"[green]done[/]: {result.records:,} records, {result.predictions:,} predictions, "
+                  f"{result.bad:,} dead letters, {result.records_per_s:,.0f} rec/s")
+    for k, v in result.metrics.items():
+        console.print(f"  {k:<18} {v:.4f}")
+    if result_json:
+        result_json.write_text(json.dumps(result.to_dict(), indent=2))
+    if save_state:
+        pipe.save_state(save_state)
+        console.print(f"state written to {save_state}")
+
+
+@app.command()
+def demo(
+    bootstrap_servers: BootstrapOpt = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated backends to compare.")] = "torch,tensorflow",
+    result_json: Annotated[Path | None, typer.Option(help="Write all results here.")] = None,
+) -> None:
+    """Stream drifting and real datasets through PyTorch and TensorFlow pipelines side by side."""
+    from tensorstream.demo import run_demo, summary_table
+
+    chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
+    bad = [b for b in chosen if b not in ("torch", "tensorflow")]
+    if bad or not chosen:
+        _fail(f"unknown backend(s) {bad}: use torch and/or tensorflow")
+    t0 = time.perf_counter()
+    with kafka_settings(bootstrap_servers) as cfg:
+        results = run_demo(cfg, console, backends=chosen)
+    out.print(summary_table(results))
+    out.print(f"finished in {time.perf_counter() - t0:.0f}s; the embedded broker is stopped, nothing left running.")
+    if result_json:
+        result_json.write_text(json.dumps(results, indent=2))
+    if any("error" in r for r in results.values()):
+        raise typer.Exit(1)
+
+
 def run_cli() -> None:  # pragma: no cover
     app()
 

@@ -57,7 +57,17 @@ def produce_records(cfg: KafkaConfig, source: str, topic: str, *, encoding: str 
     total = min(total, limit) if (total is not None and limit is not None) else (total or limit)
     KafkaAdmin(cfg).ensure_topic(topic, partitions)
     encode = encode_json if encoding == "json" else record_to_frame
+    t0 = time.perf_counter()
     sink = KafkaSink(cfg)
+    try:
+        n = _send(sink, source, topic, encode, rate, limit, key_field, total, progress)
+    finally:
+        sink.close()
+    return ProduceStats(n, time.perf_counter() - t0)
+
+
+def _send(sink: KafkaSink, source: str, topic: str, encode: Any, rate: float, limit: int | None,
+          key_field: str | None, total: int | None, progress: bool) -> int:
     n = 0
     t0 = time.perf_counter()
     bar = Progress(TextColumn("[bold]produce[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -82,4 +92,4 @@ def produce_records(cfg: KafkaConfig, source: str, topic: str, *, encoding: str 
                 bar.update(task, completed=n, rps=n / (time.perf_counter() - t0))
         sink.flush()
         bar.update(task, completed=n, rps=n / max(time.perf_counter() - t0, 1e-9))
-    return ProduceStats(n, time.perf_counter() - t0)
+    return n

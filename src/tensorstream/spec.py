@@ -75,6 +75,8 @@ class FeatureSpec(_Strict):
 
     @model_validator(mode="after")
     def _some_features(self) -> FeatureSpec:
+        if "*" in self.numeric and len(self.numeric) > 1:
+            raise ValueError("numeric: '*' takes every numeric field; list fields or use '*', not both")
         if not self.numeric and not self.categorical:
             raise ValueError("at least one of 'numeric' or 'categorical' must list a field")
         return self
@@ -100,8 +102,12 @@ class LabelSpec(_Strict):
         if v is not None:
             if len(v) < 2:
                 raise ValueError("a classification needs at least 2 classes")
-            if len(set(map(repr, v))) != len(v):
-                raise ValueError("classes must be distinct")
+            # By value, as labels are compared: true, 1 and 1.0 are one class.
+            seen: list[Any] = []
+            for c in v:
+                if any(c == d for d in seen):
+                    raise ValueError(f"classes must be distinct (by value): {c!r} repeats")
+                seen.append(c)
         return v
 
 
@@ -130,6 +136,13 @@ class ModelSpec(_Strict):
     #: torch.compile (torch) / XLA jit_compile (tensorflow)
     compile: bool = False
     seed: int = 0
+    #: intra-op threads of the framework (None = its default). Small models on a
+    #: busy machine run much faster with 1: torch's default thread pool can be
+    #: 50-100x slower at batch 32 when the cores are shared.
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    #: start from this learner state (a safetensors file or fsspec URL written by
+    #: ``tensorstream run --save-state``); required for ``mode: infer``
+    weights: str | None = None
 
     @field_validator("kind")
     @classmethod
@@ -149,6 +162,16 @@ class ModelSpec(_Strict):
         return v
 
 
+class LearnSpec(_Strict):
+    """Online-learning options beyond the model itself."""
+
+    #: experience replay: each train step also learns this many records drawn
+    #: (seeded) from a buffer of recently learned ones; 0 = off. Helps small
+    #: non-linear streams and recurring concepts; the buffer is checkpointed.
+    replay: int = Field(default=0, ge=0, le=65_536)
+    replay_buffer: int = Field(default=1000, ge=1, le=10_000_000)
+
+
 class BatchSpec(_Strict):
     """Micro-batching: a batch closes at max_size records or after max_wait_ms."""
 
@@ -166,6 +189,7 @@ class PipelineSpec(_Strict):
     label: LabelSpec | None = None
     model: ModelSpec = Field(default_factory=ModelSpec)
     batch: BatchSpec = Field(default_factory=BatchSpec)
+    learn: LearnSpec = Field(default_factory=LearnSpec)
     #: sliding window of the windowed prequential metrics, in records
     metrics_window: int = Field(default=1000, ge=1)
 
@@ -173,6 +197,8 @@ class PipelineSpec(_Strict):
     def _mode_needs(self) -> PipelineSpec:
         if self.mode in ("train", "train+infer") and self.label is None:
             raise ValueError(f"mode '{self.mode}' needs a 'label' section")
+        if self.mode == "infer" and self.model.weights is None:
+            raise ValueError("mode 'infer' needs trained weights: set model.weights to a state file")
         if self.mode in ("infer", "train+infer") and self.sink is None:
             raise ValueError(f"mode '{self.mode}' needs a 'sink' section (the predictions topic)")
         return self

@@ -73,6 +73,12 @@ class TensorflowBackend:
         self._loss = common.resolve_loss(model, task, n_outputs)
         self._task, self._n_features, self._n_outputs = task, n_features, n_outputs
         self._opt_spec = opt = model.optimizer
+        if model.threads is not None:
+            try:  # TF fixes its thread pools when it first runs an op: later calls cannot change them
+                tf.config.threading.set_intra_op_parallelism_threads(model.threads)
+                tf.config.threading.set_inter_op_parallelism_threads(model.threads)
+            except RuntimeError:
+                pass
         builder = _builtin if common.is_builtin(model) else _user_model
         self._net, names = builder(model, n_features, n_outputs)
         self._weights = list(zip(names, self._net.weights))

@@ -82,6 +82,8 @@ class TorchBackend:
         self._loss = common.resolve_loss(model, task, n_outputs)
         self._task, self._n_features, self._n_outputs = task, n_features, n_outputs
         self._opt_spec = opt = model.optimizer
+        if model.threads is not None:
+            torch.set_num_threads(model.threads)  # process-wide: torch has no per-model setting
         torch.manual_seed(model.seed)  # dropout & co. in user models; built-ins are fully numpy-initialised
         if common.is_builtin(model):
             self._module, self._params = _builtin(model, n_features, n_outputs)

@@ -132,6 +132,7 @@ class KafkaSink:
             try:
                 self.flush(timeout)
             finally:
+                self._producer.close()  # free librdkafka's threads and sockets now, not at GC
                 self._producer = None
 
     def __enter__(self) -> KafkaSink:

@@ -1,0 +1,187 @@
+"""``tensorstream demo``: the same pipelines on PyTorch and TensorFlow, side by side.
+
+Streams River datasets into an embedded broker (a drifting Agrawal stream and
+Phishing), runs each pipeline once per backend in two processes at the same
+time (one core each), shows live progress, and ends with a table per backend.
+Accuracy before/after the drift is computed from the *predictions topic*
+(joined to the labels by source offset), an independent check of the
+pipeline's own prequential metric.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from tensorstream.datasets import LABEL_FIELD, open_source
+from tensorstream.kafka import KafkaConfig, KafkaSource
+from tensorstream.produce import produce_records
+from tensorstream.spec import PipelineSpec, load_spec
+
+BACKENDS = ("torch", "tensorflow")
+
+
+@dataclass(frozen=True)
+class DemoStream:
+    title: str
+    example: str  # spec file in tensorstream/examples
+    source: str  # produce source
+    records: int
+    drift_at: int | None
+
+
+STREAMS = (
+    DemoStream("Agrawal, function 0 -> 2 at 5000", "agrawal_drift.yaml", "river:drift.agrawal", 10_000, 5000),
+    DemoStream("Phishing", "phishing.yaml", "river:Phishing", 1250, None),
+)
+
+
+def example_spec(name: str, **overrides: Any) -> PipelineSpec:
+    """Load one of the specs shipped in ``tensorstream/examples``."""
+    with resources.as_file(resources.files("tensorstream") / "examples" / name) as path:
+        return load_spec(path, **overrides)
+
+
+def _worker(spec_json: bytes, bootstrap: str, key: str, q: Any) -> None:  # runs in a child process
+    # One core per process: the two backends run side by side on a 2-core machine.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tensorstream.pipeline import Pipeline
+
+    spec = PipelineSpec.model_validate_json(spec_json)
+    try:
+        pipe = Pipeline(spec, KafkaConfig.local(bootstrap),
+                        on_progress=lambda p: q.put(("progress", key, p.__dict__)))
+        result = pipe.run(until_end=True, timeout=600)
+        q.put(("result", key, result.to_dict()))
+    except Exception as e:  # surfaced in the parent's table, never a silent hang
+        q.put(("error", key, f"{type(e).__name__}: {e}"))
+
+
+def _accuracy_by_segment(cfg: KafkaConfig, topic: str, labels: list[Any], drift_at: int | None,
+                         expected: int) -> dict[str, float]:
+    """Read the predictions topic and score it against the true labels, by source offset."""
+    hits: dict[int, bool] = {}
+    with KafkaSource(cfg, f"tensorstream.demo.check.{topic}", [topic]) as src:
+        deadline = time.monotonic() + 60
+        while len(hits) < expected and time.monotonic() < deadline:
+            for r in src.poll_batch(1000, 0.5):
+                p = orjson.loads(r.value)
+                hits[p["source"]["offset"]] = p["label"] == labels[p["source"]["offset"]]
+    out = {"checked": float(len(hits))}
+    if hits:
+        out["accuracy"] = sum(hits.values()) / len(hits)
+    if drift_at is not None:
+        before = [v for k, v in hits.items() if k < drift_at]
+        after = [v for k, v in hits.items() if k >= drift_at]
+        if before:
+            out["before"] = sum(before) / len(before)
+        if after:
+            out["after"] = sum(after) / len(after)
+    return out
+
+
+def _table(rows: dict[str, dict[str, Any]], title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("pipeline", "backend", "records", "rec/s", "lag", "accuracy", "window acc."):
+        t.add_column(col, justify="right" if col not in ("pipeline", "backend") else "left")
+    for key, r in rows.items():
+        name, backend = key.rsplit("/", 1)
+        m = r.get("metrics", {})
+        t.add_row(name, backend, f"{r.get('records', 0):,}", f"{r.get('records_per_s', 0):,.0f}",
+                  "-" if r.get("lag") is None else f"{r['lag']:,}",
+                  f"{m.get('accuracy', float('nan')):.4f}", f"{m.get('accuracy_window', float('nan')):.4f}")
+        if "error" in r:
+            t.add_row(name, backend, f"[red]{r['error']}[/]", "", "", "", "")
+    return t
+
+
+def run_demo(cfg: KafkaConfig, console: Console, *, streams: tuple[DemoStream, ...] = STREAMS,
+             backends: tuple[str, ...] = BACKENDS) -> dict[str, dict[str, Any]]:
+    """Run every stream on every backend; returns the results keyed ``"<pipeline>/<backend>"``."""
+    results: dict[str, dict[str, Any]] = {}
+    ctx = mp.get_context("spawn")  # fresh interpreters: no framework state shared, honest peak memory
+    for stream in streams:
+        base = example_spec(stream.example)
+        console.print(f"\n[bold]{stream.title}[/]: producing {stream.records:,} records to '{base.source.topic}'")
+        produce_records(cfg, stream.source, base.source.topic, limit=stream.records, progress=True)
+        labels = [r[LABEL_FIELD] for r in open_source(stream.source, limit=stream.records)]
+        q = ctx.Queue()
+        live_rows: dict[str, dict[str, Any]] = {}
+        procs = {}
+        for backend in backends:
+            spec = base.model_copy(update={
+                "backend": backend, "name": f"{base.name}-{backend}",
+                "model": base.model.model_copy(update={"threads": 1}),
+                "sink": base.sink.model_copy(update={"topic": f"{base.sink.topic}.{backend}"}),
+            })
+            key = f"{base.name}/{backend}"
+            live_rows[key] = {"records": 0}
+            procs[key] = (ctx.Process(target=_worker, args=(spec.model_dump_json().encode(), cfg.bootstrap_servers,
+                                                               key, q), daemon=True), spec)
+            procs[key][0].start()
+        done: set[str] = set()
+        with Live(_table(live_rows, stream.title), console=console, refresh_per_second=4) as live:
+            while len(done) < len(procs):
+                try:
+                    kind, key, payload = q.get(timeout=1.0)
+                except queue.Empty:
+                    for key, (p, _) in procs.items():
+                        if key not in done and not p.is_alive():
+                            live_rows[key]["error"] = f"worker exited with code {p.exitcode}"
+                            done.add(key)
+                    continue
+                if kind == "progress":
+                    live_rows[key].update(payload)
+                elif kind == "result":
+                    live_rows[key].update(payload)
+                    results[key] = payload
+                    done.add(key)
+                else:
+                    live_rows[key]["error"] = payload
+                    results[key] = {"error": payload}
+                    done.add(key)
+                live.update(_table(live_rows, stream.title))
+        for key, (p, spec) in procs.items():
+            p.join(10)
+            if key in results and "error" not in results[key]:
+                results[key]["check"] = _accuracy_by_segment(cfg, spec.sink.topic, labels, stream.drift_at,
+                                                             stream.records)
+                results[key]["drift_at"] = stream.drift_at
+    return results
+
+
+def summary_table(results: dict[str, dict[str, Any]]) -> Table:
+    t = Table(title="tensorstream demo: PyTorch vs TensorFlow on the same streams", title_justify="left",
+              caption="accuracy: prequential (test-then-train); before/after drift: from the predictions topic; "
+                      "p50/p99: per-record latency in the pipeline", caption_justify="left")
+    cols = ("pipeline", "backend", "accuracy", "before drift", "after drift", "rec/s", "p50 ms", "p99 ms",
+            "RSS MB")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("pipeline", "backend") else "right")
+    for key, r in results.items():
+        name, backend = key.rsplit("/", 1)
+        if "error" in r:
+            t.add_row(name, backend, f"[red]{r['error']}[/]", *[""] * 6)
+            continue
+        chk = r.get("check", {})
+
+        def f(v: Any, fmt: str = "{:.4f}") -> str:
+            return "-" if v is None else fmt.format(v)
+
+        t.add_row(name, backend, f(r["metrics"].get("accuracy")), f(chk.get("before")), f(chk.get("after")),
+                  f(r["records_per_s"], "{:,.0f}"), f(r["latency_p50_ms"], "{:.2f}"),
+                  f(r["latency_p99_ms"], "{:.2f}"), f(r["peak_rss_mb"], "{:,.0f}"))
+    return t
