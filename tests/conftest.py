@@ -12,6 +12,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tensorstream.kafka import EmbeddedBroker, KafkaAdmin, KafkaConfig  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """Pipelines keep state (checkpoints) under ./.tensorstream: give each test its own."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def broker():
     with EmbeddedBroker() as b:

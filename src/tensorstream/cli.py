@@ -44,7 +44,10 @@ STATE_FILE = Path(os.environ.get("TENSORSTREAM_HOME", Path.home() / ".tensorstre
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    if console.quiet:  # --quiet / --log-format json: errors still go out, as a log record
+        logging.getLogger("tensorstream").error(msg)
+    else:
+        console.print(f"[bold red]error:[/] {msg}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -96,14 +99,24 @@ def kafka_settings(bootstrap: str | None, *, allow_embedded: bool = True) -> Ite
         broker.stop()
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(verbose: bool, log_format: str = "text", quiet: bool = False) -> None:
+    from tensorstream.observe.logging import configure, human_output
+
+    configure(verbose=verbose, fmt=log_format, quiet=quiet)
+    console.quiet = not human_output()  # no rich progress or chatter; errors still go out (_fail)
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
-    _setup_logging(verbose)
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    log_format: Annotated[str, typer.Option(
+        "--log-format", help="text, or json: one JSON object per log line on stderr, progress included "
+                             "(for production log shippers; no live displays).")] = "text",
+    quiet: Annotated[bool, typer.Option("--quiet", help="Only warnings and errors: no progress displays.")] = False,
+) -> None:
+    if log_format not in ("text", "json"):
+        _fail(f"--log-format {log_format!r}: use text or json", code=2)
+    _setup_logging(verbose, log_format, quiet)
 
 
 @app.command()
@@ -219,6 +232,14 @@ def run(
     result_json: Annotated[Path | None, typer.Option(help="Write the run's result (metrics, rates) here.")] = None,
     save_state: Annotated[str | None, typer.Option(
         help="At the end, write the learner state (safetensors) here: use it as model.weights for mode infer.")] = None,
+    state_dir: Annotated[str | None, typer.Option(
+        help="Where checkpoints live (overrides the spec's state_dir). Default with the embedded broker: "
+             "a temporary directory, since the broker's data does not outlive the run either.")] = None,
+    metrics_port: MetricsPortOpt = None,
+    metrics_host: MetricsHostOpt = "127.0.0.1",
+    dashboard: DashboardOpt = False,
+    dashboard_port: DashboardPortOpt = 0,
+    run_dir: RunDirOpt = None,
 ) -> None:
     """Run a pipeline: train, infer or both, with a live progress line. Ctrl-C stops cleanly."""
     from tensorstream.spec import SpecError, load_spec
@@ -230,10 +251,22 @@ def run(
     from tensorstream.pipeline import Pipeline, Progress
     from tensorstream.produce import produce_records
 
-    with kafka_settings(bootstrap_servers) as cfg:
+    servers = _resolve_bootstrap(bootstrap_servers, allow_embedded=True)
+    embedded = servers is None
+    tmp_state = None
+    if state_dir:
+        spec = spec.model_copy(update={"state_dir": state_dir})
+    elif embedded:
+        import tempfile
+
+        tmp_state = tempfile.TemporaryDirectory(prefix="tensorstream-run-")
+        spec = spec.model_copy(update={"state_dir": tmp_state.name})
+    with kafka_settings(servers) as cfg:
         if produce_from:
-            produce_records(cfg, produce_from, spec.source.topic, limit=limit, progress=True)
+            produce_records(cfg, produce_from, spec.source.topic, limit=limit, progress=not console.quiet)
         status = console.status(f"[bold]{spec.name}[/] ({spec.backend}, {spec.mode}): joining the group ...")
+        views = _observers(dashboard, dashboard_port, run_dir)
+        key = f"{spec.name}/{spec.backend}"
 
         def show(p: Progress) -> None:
             m = p.metrics
@@ -242,31 +275,54 @@ def run(
             lag = "?" if p.lag is None else f"{p.lag:,}"
             status.update(f"[bold]{spec.name}[/] ({p.backend}): {p.records:,} records  "
                           f"{p.records_per_s:,.0f} rec/s  lag {lag}  {metric}")
+            views.progress(key, p)
 
-        from tensorstream.checkpoint import StateFileError
+        from tensorstream.checkpoint import CheckpointError, StateFileError
+        from tensorstream.pipeline import PipelineError
 
         try:
-            pipe = Pipeline(spec, cfg, on_progress=show)
-        except StateFileError as e:
+            pipe = Pipeline(spec, cfg, on_progress=show, metrics_port=metrics_port, metrics_host=metrics_host)
+        except (StateFileError, CheckpointError) as e:
             _fail(str(e))
-        prev = signal.signal(signal.SIGTERM, lambda *_: pipe.stop())
+        except OSError as e:  # the metrics port is taken
+            _fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {e.strerror or e}")
+        if pipe.obs.url:
+            _announce(f"metrics: {pipe.obs.url}", url=pipe.obs.url)
+
+        def graceful(signum: int, _frame: object) -> None:
+            # First SIGTERM/Ctrl-C: finish the batch, checkpoint, commit, exit 0. A second Ctrl-C aborts.
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            console.print("[yellow]stopping: finishing the batch in hand, then checkpoint and commit ...[/]")
+            pipe.stop()
+
+        prev = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
         with status:
             try:
                 result = pipe.run(until_end=until_end, max_records=max_records, timeout=timeout)
-            except KeyboardInterrupt:
-                pipe.stop()
-                raise typer.Exit(130) from None
+            except PipelineError as e:
+                views.error(key, str(e))
+                _fail(str(e))
             finally:
-                signal.signal(signal.SIGTERM, prev)
+                for sig, handler in prev.items():
+                    signal.signal(sig, handler)
+                views.close()
+                pipe.obs.close()
+        views.result(key, result)
     console.print(f"[green]done[/]: {result.records:,} records, {result.predictions:,} predictions, "
                   f"{result.bad:,} dead letters, {result.records_per_s:,.0f} rec/s")
     for k, v in result.metrics.items():
         console.print(f"  {k:<18} {v:.4f}")
     if result_json:
         result_json.write_text(json.dumps(result.to_dict(), indent=2))
+    if result.last_checkpoint:
+        console.print(f"last checkpoint: {result.last_checkpoint} in {spec.checkpoint_url}"
+                      + (" (temporary: pass --state-dir to keep it)" if tmp_state else ""))
     if save_state:
         pipe.save_state(save_state)
         console.print(f"state written to {save_state}")
+    if tmp_state is not None:
+        tmp_state.cleanup()
 
 
 @app.command()
@@ -291,6 +347,10 @@ def demo(
         result_json.write_text(json.dumps(results, indent=2))
     if any("error" in r for r in results.values()):
         raise typer.Exit(1)
+
+
+# --- command groups and commands that live in their own modules (one line each) ---
+app.command(name="bench")(__import__("tensorstream.bench.command", fromlist=["bench"]).bench)
 
 
 def run_cli() -> None:  # pragma: no cover

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -111,6 +112,13 @@ def _table(rows: dict[str, dict[str, Any]], title: str) -> Table:
 def run_demo(cfg: KafkaConfig, console: Console, *, streams: tuple[DemoStream, ...] = STREAMS,
              backends: tuple[str, ...] = BACKENDS) -> dict[str, dict[str, Any]]:
     """Run every stream on every backend; returns the results keyed ``"<pipeline>/<backend>"``."""
+    # Checkpoints go to a throwaway dir: every demo run starts from an untrained model.
+    with tempfile.TemporaryDirectory(prefix="tensorstream-demo-") as state_dir:
+        return _run_demo(cfg, console, streams, backends, state_dir)
+
+
+def _run_demo(cfg: KafkaConfig, console: Console, streams: tuple[DemoStream, ...], backends: tuple[str, ...],
+              state_dir: str) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     ctx = mp.get_context("spawn")  # fresh interpreters: no framework state shared, honest peak memory
     for stream in streams:
@@ -125,6 +133,7 @@ def run_demo(cfg: KafkaConfig, console: Console, *, streams: tuple[DemoStream, .
             spec = base.model_copy(update={
                 "backend": backend, "name": f"{base.name}-{backend}",
                 "model": base.model.model_copy(update={"threads": 1}),
+                "state_dir": state_dir,
                 "sink": base.sink.model_copy(update={"topic": f"{base.sink.topic}.{backend}"}),
             })
             key = f"{base.name}/{backend}"

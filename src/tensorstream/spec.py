@@ -19,6 +19,7 @@ field that is wrong (pydantic's error locations, rendered as ``a.b.c``).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,6 +180,45 @@ class BatchSpec(_Strict):
     max_wait_ms: float = Field(default=20.0, ge=0, le=60_000)
 
 
+class CheckpointSpec(_Strict):
+    """Durable training state: what makes a crash lose nothing and train nothing twice.
+
+    A checkpoint is written every ``every_records`` learned records or
+    ``every_seconds``, on graceful stop and on partition revocation; source
+    offsets are committed only after it is durable.
+    """
+
+    #: any fsspec URL; default ``<state_dir>/<pipeline name>/checkpoints``
+    url: str | None = None
+    every_records: int = Field(default=5000, ge=1)
+    every_seconds: float = Field(default=30.0, gt=0)
+    keep_last: int = Field(default=5, ge=1)
+
+
+class VersionsSpec(_Strict):
+    """Model versions announced on ``<pipeline>.models`` (signed with HMAC-SHA256)."""
+
+    #: trainer: announce every checkpoint as a new version (``every_checkpoint``),
+    #: or only on ``tensorstream models promote`` (``manual``)
+    promote: Literal["every_checkpoint", "manual"] = "manual"
+    #: inference: watch the models topic and hot-swap new versions between batches
+    watch: bool = False
+    #: env var holding the HMAC key (or ``<VAR>_FILE`` naming a file)
+    key_env: str = "TENSORSTREAM_MODELS_HMAC_KEY"
+    #: local experiments only: publish/accept unsigned announcements when no key is set
+    allow_unsigned: bool = False
+
+
+class DeadLetterSpec(_Strict):
+    """Bad records go to ``<pipeline>.dlq``; too many of them stop the pipeline loudly."""
+
+    #: stop when more than this fraction of records is bad (a broken upstream must
+    #: not be silently drained into the DLQ); 1.0 = never stop
+    max_rate: float = Field(default=0.5, gt=0, le=1)
+    #: ... measured over at least this many records
+    min_records: int = Field(default=200, ge=1)
+
+
 class PipelineSpec(_Strict):
     name: str = Field(default="pipeline", pattern=r"^[A-Za-z0-9._-]+$")
     backend: BackendName = "torch"
@@ -190,6 +230,11 @@ class PipelineSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     batch: BatchSpec = Field(default_factory=BatchSpec)
     learn: LearnSpec = Field(default_factory=LearnSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    versions: VersionsSpec = Field(default_factory=VersionsSpec)
+    dead_letter: DeadLetterSpec = Field(default_factory=DeadLetterSpec)
+    #: local state (checkpoints by default)
+    state_dir: str = ".tensorstream"
     #: sliding window of the windowed prequential metrics, in records
     metrics_window: int = Field(default=1000, ge=1)
 
@@ -197,8 +242,9 @@ class PipelineSpec(_Strict):
     def _mode_needs(self) -> PipelineSpec:
         if self.mode in ("train", "train+infer") and self.label is None:
             raise ValueError(f"mode '{self.mode}' needs a 'label' section")
-        if self.mode == "infer" and self.model.weights is None:
-            raise ValueError("mode 'infer' needs trained weights: set model.weights to a state file")
+        if self.mode == "infer" and self.model.weights is None and not self.versions.watch:
+            raise ValueError("mode 'infer' needs a model: set model.weights to a state file, "
+                             "or versions.watch: true to take the versions announced on <name>.models")
         if self.mode in ("infer", "train+infer") and self.sink is None:
             raise ValueError(f"mode '{self.mode}' needs a 'sink' section (the predictions topic)")
         return self
@@ -207,9 +253,24 @@ class PipelineSpec(_Strict):
     def group_id(self) -> str:
         return self.source.group_id or f"tensorstream.{self.name}"
 
+    @property
+    def trains(self) -> bool:
+        return self.mode in ("train", "train+infer")
+
+    @property
+    def checkpoint_url(self) -> str:
+        return self.checkpoint.url or str(Path(self.state_dir) / self.name / "checkpoints")
+
     def spec_hash(self) -> str:
-        """A stable hash of the spec (checkpoints record it)."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """A stable hash of what defines the model (checkpoints record it).
+
+        Only the parts a checkpoint depends on: changing batching, topics or
+        checkpoint cadence does not invalidate a checkpoint.
+        """
+        part = self.model_dump(include={"features", "label", "model", "backend"})
+        part["model"].pop("weights", None)
+        part["model"].pop("threads", None)
+        return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

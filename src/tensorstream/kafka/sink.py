@@ -42,6 +42,13 @@ class DeliveryError(RuntimeError):
         super().__init__(f"{len(failures)} record(s) not delivered; first: topic {first.topic!r}: {first.error}")
 
 
+class DeliveryTimeout(DeliveryError):
+    """Records are still queued (not failed) when the wait ended: e.g. the broker is unreachable.
+
+    Nothing is lost yet: librdkafka keeps retrying until ``message.timeout.ms``.
+    """
+
+
 class KafkaSink:
     """A producer. ``transactional_id`` turns on transactions (exactly-once mode)."""
 
@@ -104,8 +111,9 @@ class KafkaSink:
             deadline = time.monotonic() + timeout
             while self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic()))) > 0:
                 if time.monotonic() >= deadline:
-                    raise DeliveryError([FailedDelivery("*", None, f"{len(self._producer)} record(s) "
-                                                        f"still undelivered after {timeout:.0f}s")])
+                    self.raise_failures()  # real failures first: they are final
+                    raise DeliveryTimeout([FailedDelivery("*", None, f"{len(self._producer)} record(s) "
+                                                          f"still undelivered after {timeout:.0f}s")])
         self.raise_failures()
 
     def raise_failures(self) -> None:

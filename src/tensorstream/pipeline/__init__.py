@@ -1,5 +1,5 @@
 """Wiring: a pipeline spec running against a broker (see ``runner``)."""
 
-from tensorstream.pipeline.runner import Pipeline, Progress, RunResult
+from tensorstream.pipeline.runner import Pipeline, PipelineError, Progress, RunResult
 
-__all__ = ["Pipeline", "Progress", "RunResult"]
+__all__ = ["Pipeline", "PipelineError", "Progress", "RunResult"]

@@ -2,9 +2,18 @@
 
 The runner owns the loop and the commit order, nothing else: decoding is in
 ``codecs``, features and test-then-train in ``learn``, the model in
-``backends``. Order per commit (learned from Quix Streams' checkpoint): flush the
-predictions and the dead letters (delivery confirmed) -> commit the source
-offsets. A processing error never advances offsets.
+``backends``, durable state in ``checkpoint``. The order (learned from Quix
+Streams' checkpoint) is always: flush the outputs (delivery confirmed) ->
+persist the state -> commit the source offsets. A processing error never
+advances offsets.
+
+- **Inference** (``mode: infer``): offsets are committed every
+  ``commit_interval_s`` once the predictions they cover are delivered
+  (at-least-once; the uncommitted window is re-emitted after a crash).
+- **Training** (``train``, ``train+infer``): offsets are committed only after a
+  checkpoint that includes those records is durable; on restart the learner
+  loads the newest good checkpoint and the consumer seeks to the offsets stored
+  *in it*, so the persisted lineage learns every record exactly once.
 
 >>> from tensorstream.pipeline import Pipeline                        # doctest: +SKIP
 >>> result = Pipeline(spec, kafka_config).run(until_end=True)          # doctest: +SKIP
@@ -15,26 +24,44 @@ offsets. A processing error never advances offsets.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
+from confluent_kafka import KafkaException
+from safetensors.numpy import load as st_load
 
 from tensorstream.backends import make_backend
-from tensorstream.checkpoint import StateFileError, load_state, save_state
+from tensorstream.checkpoint import CheckpointError, CheckpointStore, StateFileError, load_state, save_state
+from tensorstream.checkpoint.versions import ModelRegistry, ModelVersionError, ModelWatcher, resolve_key
 from tensorstream.codecs import DecodeError, get_codec
-from tensorstream.kafka import TP, KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
+from tensorstream.kafka import (
+    TP,
+    DeliveryTimeout,
+    KafkaAdmin,
+    KafkaConfig,
+    KafkaSink,
+    KafkaSource,
+    Record,
+)
 from tensorstream.learn import OnlineLearner
+from tensorstream.observe.metrics import PipelineMetrics
 from tensorstream.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
 #: how many latency samples are kept for percentiles (a ring buffer)
 _LATENCY_RING = 100_000
+
+
+class PipelineError(RuntimeError):
+    """The pipeline stopped on purpose (e.g. too many bad records): nothing past it was committed."""
 
 
 @dataclass
@@ -47,6 +74,14 @@ class Progress:
     lag: int | None
     metrics: dict[str, float]
     elapsed_s: float
+    model_version: str = ""
+    # for the live views (observe/): recent history points, events, latency, loss
+    pipeline: str = ""
+    history: list[tuple[int, float]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    loss: float | None = None
 
 
 @dataclass
@@ -64,6 +99,9 @@ class RunResult:
     #: (records scored, windowed accuracy or MAE) for plots
     history: list[tuple[int, float]] = field(default_factory=list)
     model_version: str = ""
+    checkpoints: int = 0
+    last_checkpoint: str | None = None
+    versions_seen: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -85,12 +123,14 @@ class Pipeline:
 
     ``run()`` processes micro-batches until a stop condition: ``max_records``
     processed, ``until_end`` (every assigned partition read to its end),
-    ``timeout`` seconds, or ``stop()`` called from another thread / a signal.
+    ``timeout`` seconds, or ``stop()`` called from another thread / a signal
+    handler; then it checkpoints (training), commits and closes.
     """
 
     def __init__(self, spec: PipelineSpec, kafka: KafkaConfig, *,
                  on_progress: Callable[[Progress], None] | None = None,
-                 commit_interval_s: float = 0.5):
+                 commit_interval_s: float = 0.5, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1"):
         self.spec = spec
         self.kafka = kafka
         self.on_progress = on_progress
@@ -98,9 +138,9 @@ class Pipeline:
         self.codec = get_codec(spec.source.codec)
         self.backend = make_backend(spec.backend)
         self.learner = OnlineLearner(spec, self.backend)
-        self.model_version = f"{spec.name}-{spec.backend}-live"
-        if spec.model.weights:
-            self._load_weights(spec.model.weights)
+        self.obs = PipelineMetrics(spec.name, spec.backend)  # Prometheus; /metrics served only with a port
+        if metrics_port is not None:
+            self.obs.serve(metrics_port, metrics_host)
         self.dlq_topic = f"{spec.name}.dlq"
         self._stop = False
         self._latencies = np.zeros(_LATENCY_RING, dtype=np.float64)
@@ -108,18 +148,55 @@ class Pipeline:
         self.records = 0
         self.predictions = 0
         self.bad = 0
-        self._pending: dict[TP, int] = {}  # next offsets processed but not yet committed
+        self._recent_bad: deque[tuple[int, int]] = deque()  # (records, bad) per batch, for the DLQ rate
+        self._positions: dict[TP, int] = {}  # next offset after the last processed record, per partition
+        self._pending: dict[TP, int] = {}  # processed, not yet committed
         self._t_first: float | None = None  # first record: rates exclude the group join
+        self.checkpoints = 0
+        self.versions_seen: list[str] = []
+        self.rejected_versions = 0
+        self._watcher: ModelWatcher | None = None
+        self._registry: ModelRegistry | None = None
+        self.model_version = f"{spec.name}-{spec.backend}-live"
+        self.store: CheckpointStore | None = None
+        self.last_checkpoint: str | None = None
+        self._ckpt_offsets: dict[TP, int] = {}
+        if spec.model.weights:
+            self._load_weights(spec.model.weights)
+        if spec.trains:
+            self.store = CheckpointStore(spec.checkpoint_url, keep_last=spec.checkpoint.keep_last)
+            self._restore()
+        self._ckpt_n = self.learner.n_learned
+        self._ckpt_t = time.monotonic()
 
     def stop(self) -> None:
+        """Ask the loop to finish the batch in hand, checkpoint, commit and return."""
         self._stop = True
 
+    # -- state ------------------------------------------------------------
     def _load_weights(self, url: str) -> None:
         state, meta = load_state(url)
         if meta.get("backend") and meta["backend"] != self.spec.backend:
             raise StateFileError(f"{url} holds a {meta['backend']} model; the spec's backend is {self.spec.backend}")
         self.learner.load_state_dict(state)
         self.model_version = meta.get("version") or f"{self.spec.name}-{self.spec.backend}-{meta.get('n_learned', '0')}"
+
+    def _restore(self) -> None:
+        assert self.store is not None
+        found = self.store.latest()
+        if found is None:
+            return
+        state, info = found
+        if info.spec_hash != self.spec.spec_hash():
+            raise CheckpointError(
+                f"checkpoint {info.id} in {self.spec.checkpoint_url} was written for another model/feature spec "
+                f"(hash {info.spec_hash}, this spec {self.spec.spec_hash()}); use another state_dir or pipeline name")
+        self.learner.load_state_dict(state)
+        self._ckpt_offsets = dict(info.offsets)
+        self._positions = dict(info.offsets)
+        self.last_checkpoint = info.id
+        log.info("restored checkpoint %s: %d records learned; resuming from %s", info.id, info.n_learned,
+                 info.offsets)
 
     def save_state(self, url: str) -> None:
         """Write the learner's whole state (weights, optimizer, features) as safetensors."""
@@ -138,55 +215,74 @@ class Pipeline:
         if spec.sink is not None:
             admin.ensure_topic(spec.sink.topic)
         self.source = KafkaSource(self.kafka, spec.group_id, [spec.source.topic],
-                                  auto_offset_reset=spec.source.auto_offset_reset, on_revoke=self._on_revoke)
+                                  auto_offset_reset=spec.source.auto_offset_reset, on_revoke=self._on_revoke,
+                                  start_offsets=self._ckpt_offsets.get if spec.trains else None)
         self.sink = KafkaSink(self.kafka)
+        self._open_versions()
         t0 = time.perf_counter()
         last_commit = last_progress = t0
         last_data = time.monotonic()
         max_wait = spec.batch.max_wait_ms / 1000
         try:
             while not self._stop:
+                self._maybe_swap()
                 batch = self._next_batch(spec.batch.max_size, max_wait)
                 now = time.perf_counter()
                 if batch:
                     last_data = time.monotonic()
                     self._process(batch)
-                if now - last_commit >= self.commit_interval_s:
+                if spec.trains and self._checkpoint_due():
+                    self.checkpoint()
+                elif now - last_commit >= self.commit_interval_s:
                     self.commit()
                     last_commit = now
-                if self.on_progress and now - last_progress >= 1.0:
-                    self.on_progress(self._progress(t0))
+                if now - last_progress >= 1.0:
+                    progress = self._progress(t0)  # also refreshes the metrics' gauges (lag, prequential)
+                    if self.on_progress:
+                        self.on_progress(progress)
                     last_progress = now
                 if max_records is not None and self.records >= max_records:
                     break
                 if timeout is not None and now - t0 > timeout:
                     break
-                if until_end and not batch and self.source.assigned and self.source.at_eof >= self.source.assigned:
+                if until_end and not batch and self._at_end():
                     break
                 if idle_timeout is not None and self.source.assigned and time.monotonic() - last_data > idle_timeout:
                     break
-            self.commit()
+            # Graceful end (stop(), SIGTERM, a stop condition): persist, then commit.
+            if spec.trains:
+                self.checkpoint(force=False)
+            else:
+                self.commit()
         finally:
             self.source.close()
             self.sink.close()
+            for c in (self._watcher, self._registry):
+                if c is not None:
+                    c.close()
+        progress = self._progress(t0)  # the final gauges too
         if self.on_progress:
-            self.on_progress(self._progress(t0))
+            self.on_progress(progress)
         return self._result(t0)
 
+    def _at_end(self) -> bool:
+        return bool(self.source.assigned) and self.source.at_eof >= self.source.assigned
+
     def _next_batch(self, max_size: int, max_wait: float) -> list[Record]:
-        """A micro-batch: closes at ``max_size`` records or ``max_wait`` after its first record."""
+        """A micro-batch: closes at ``max_size`` records, ``max_wait`` after its first
+        record, or at the end of the data (so a fixed-size batching is reproducible)."""
         batch = self.source.poll_batch(max_size, 0.1)
         if not batch or len(batch) >= max_size or max_wait <= 0:
             return batch
         deadline = time.monotonic() + max_wait
-        while len(batch) < max_size:
+        while len(batch) < max_size and not self._stop:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            more = self.source.poll_batch(max_size - len(batch), left)
-            if not more:
-                break
+            more = self.source.poll_batch(max_size - len(batch), min(left, 0.05))
             batch.extend(more)
+            if not more and self._at_end():
+                break
         return batch
 
     def _process(self, batch: list[Record]) -> None:
@@ -195,6 +291,7 @@ class Pipeline:
             self._t_first = t_in
         decoded: list[Any] = []
         keep: list[Record] = []
+        n_bad = 0
         for rec in batch:
             try:
                 if rec.value is None:
@@ -203,34 +300,47 @@ class Pipeline:
                 keep.append(rec)
             except DecodeError as e:
                 self._dead_letter(rec, "decode_error", str(e))
+                n_bad += 1
         if decoded:
-            train = self.spec.mode in ("train", "train+infer")
-            outcome = self.learner.process(decoded, train=True) if train else self.learner.predict(decoded)
+            version = self._version_for_batch()
+            outcome = self.learner.process(decoded, train=True) if self.spec.trains else self.learner.predict(decoded)
+            self.obs.on_learn(outcome.n_learned, outcome.loss)
             for b in outcome.bad:
                 self._dead_letter(keep[b.index], b.error_type, b.message)
+            n_bad += len(outcome.bad)
             if self.spec.sink is not None:
-                self._emit(keep, outcome.predictions)
+                self._emit(keep, outcome.predictions, version)
         self.records += len(batch)
         for rec in batch:
-            self._pending[(rec.topic, rec.partition)] = rec.offset + 1
+            tp = (rec.topic, rec.partition)
+            self._positions[tp] = self._pending[tp] = rec.offset + 1
         lat = time.perf_counter() - t_in
+        self.obs.on_batch(batch, lat)
         # One latency sample per record: the time from hand-over to the prediction being queued.
         for _ in range(len(batch)):
             self._latencies[self._n_lat % _LATENCY_RING] = lat
             self._n_lat += 1
+        self._check_dead_letter_rate(len(batch), n_bad)
 
-    def _emit(self, recs: list[Record], predictions: list[dict[str, Any] | None]) -> None:
+    def _version_for_batch(self) -> str:
+        # A training model changes every batch: name it by what it has learned
+        # (deterministic, and it says exactly which model made the prediction).
+        if self.spec.trains:
+            return f"{self.spec.name}@{self.learner.n_learned}"
+        return self.model_version
+
+    def _emit(self, recs: list[Record], predictions: list[dict[str, Any] | None], version: str) -> None:
         topic = self.spec.sink.topic  # type: ignore[union-attr]
-        version = self.model_version.encode()
+        vbytes = version.encode()
         for rec, pred in zip(recs, predictions, strict=True):
             if pred is None:
                 continue
             value = orjson.dumps({
-                **pred, "model_version": self.model_version,
+                **pred, "model_version": version,
                 "source": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
             }, option=orjson.OPT_SERIALIZE_NUMPY)
             headers = [
-                ("model.version", version),
+                ("model.version", vbytes),
                 ("source.topic", rec.topic.encode()),
                 ("source.partition", str(rec.partition).encode()),
                 ("source.offset", str(rec.offset).encode()),
@@ -239,31 +349,166 @@ class Pipeline:
                 headers.append(("event.timestamp.ms", str(rec.timestamp_ms).encode()))
             self.sink.produce(topic, value, key=rec.key, headers=headers, timestamp_ms=rec.timestamp_ms or 0)
             self.predictions += 1
+        self.obs.on_predictions(sum(p is not None for p in predictions))
         self.sink.poll(0)
 
     def _dead_letter(self, rec: Record, error_type: str, message: str) -> None:
         self.bad += 1
         log.debug("dead letter %s[%d]@%d: %s: %s", rec.topic, rec.partition, rec.offset, error_type, message)
+        self.obs.on_dead_letter(error_type)
         self.sink.produce(self.dlq_topic, rec.value, key=rec.key, headers=_dlq_headers(rec, error_type, message))
 
-    # -- offsets ----------------------------------------------------------
+    def _check_dead_letter_rate(self, n: int, n_bad: int) -> None:
+        """Stop loudly when the recent bad-record rate is over the limit (a broken upstream)."""
+        cfg = self.spec.dead_letter
+        self._recent_bad.append((n, n_bad))
+        total = sum(r for r, _ in self._recent_bad)
+        while self._recent_bad and total - self._recent_bad[0][0] >= cfg.min_records:
+            total -= self._recent_bad.popleft()[0]
+        if total >= cfg.min_records:
+            bad = sum(b for _, b in self._recent_bad)
+            if bad / total > cfg.max_rate:
+                raise PipelineError(
+                    f"{bad} of the last {total} records were bad ({bad / total:.0%} > dead_letter.max_rate "
+                    f"{cfg.max_rate:.0%}): stopping instead of draining a broken upstream into {self.dlq_topic}. "
+                    "Nothing past the last commit was committed; inspect the DLQ (error.type / error.message headers).")
+
+    # -- offsets, checkpoints ---------------------------------------------
+    def _flush(self) -> None:
+        """Wait until every prediction and dead letter is delivered.
+
+        While the broker is unreachable, records stay queued (librdkafka retries
+        them): keep waiting, log now and then, and never commit meanwhile.
+        A record that *failed* delivery raises: offsets then stay where they were.
+        """
+        waited = 0.0
+        while True:
+            try:
+                self.sink.flush(timeout=5.0)
+                return
+            except DeliveryTimeout:
+                waited += 5.0
+                log.warning("broker unreachable? %d record(s) waiting for delivery for %.0fs; not committing",
+                            self.sink.pending, waited)
+                if self._stop and waited >= 30:
+                    raise
+
+    def _commit_offsets(self, offsets: dict[TP, int]) -> bool:
+        try:
+            t = time.perf_counter()
+            self.source.commit(offsets)
+            self.obs.on_commit(time.perf_counter() - t)
+            return True
+        except KafkaException as e:
+            # E.g. a rebalance or a broker outage: the offsets stay uncommitted and
+            # those records may be processed again (at-least-once), never skipped.
+            log.warning("offset commit failed (%s); will retry", e.args[0].str() if e.args else e)
+            return False
+
     def commit(self) -> None:
-        """Flush outputs (delivery confirmed), then commit the offsets they cover."""
+        """Inference: flush outputs (delivery confirmed), then commit the offsets they cover."""
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        self.sink.flush()  # raises DeliveryError: then nothing is committed
-        self.source.commit(pending)
+        self._flush()
+        if not self._commit_offsets(pending):
+            for tp, off in pending.items():
+                self._pending.setdefault(tp, off)
+
+    def _checkpoint_due(self) -> bool:
+        cfg = self.spec.checkpoint
+        learned = self.learner.n_learned - self._ckpt_n
+        return learned >= cfg.every_records or (learned > 0 and time.monotonic() - self._ckpt_t >= cfg.every_seconds)
+
+    def checkpoint(self, force: bool = False) -> str | None:
+        """Training: flush outputs -> write the checkpoint (fsynced) -> commit the offsets it reflects."""
+        assert self.store is not None
+        if not force and not self._pending and self.learner.n_learned == self._ckpt_n:
+            return None
+        t = time.perf_counter()
+        self._flush()
+        info = self.store.save(
+            self.learner.state_dict(), offsets=dict(self._positions), n_learned=self.learner.n_learned,
+            backend=self.spec.backend, spec_hash=self.spec.spec_hash(),
+            metrics={k: v for k, v in self.learner.snapshot().items() if np.isfinite(v)},
+            parent=self.last_checkpoint)
+        self.checkpoints += 1
+        self.last_checkpoint = info.id
+        self._ckpt_n, self._ckpt_t = self.learner.n_learned, time.monotonic()
+        log.info("checkpoint %s: %d records learned, offsets %s (%.1f ms)", info.id, info.n_learned,
+                 info.offsets, (time.perf_counter() - t) * 1000)
+        if self._pending and self._commit_offsets(dict(self._positions)):
+            self._pending = {}
+        if self._registry is not None:
+            self._announce(info)
+        return info.id
 
     def _on_revoke(self, tps: list[TP]) -> None:
-        # Commit what is durable for the partitions we lose, before the group moves them.
+        self.obs.on_rebalance("revoke", tps)
+        # Persist and commit what we have for the partitions we lose, before the
+        # group moves them (this runs inside poll, bounded by max.poll.interval.ms).
         try:
-            self.commit()
+            if self.spec.trains:
+                self.checkpoint()
+            else:
+                self.commit()
         except Exception:  # pragma: no cover - logged, the uncommitted window is replayed
             log.exception("commit on revoke failed; the uncommitted window will be re-processed")
 
+    # -- model versions ---------------------------------------------------
+    def _open_versions(self) -> None:
+        v = self.spec.versions
+        needs_watch = not self.spec.trains and v.watch
+        needs_publish = self.spec.trains and v.promote == "every_checkpoint"
+        if not (needs_watch or needs_publish):
+            return
+        key = resolve_key(_env_key(v.key_env), allow_unsigned=v.allow_unsigned)
+        if needs_publish:
+            self._registry = ModelRegistry(self.kafka, self.spec.name, key, allow_unsigned=v.allow_unsigned)
+        if needs_watch:
+            self._watcher = ModelWatcher(self.kafka, self.spec.name, key, allow_unsigned=v.allow_unsigned)
+            current = self._watcher.catch_up(timeout=30)
+            if current is not None and current.version != self.model_version:
+                self._swap(current)
+            elif current is None and not self.learner.built:
+                raise PipelineError(f"no model: {self.spec.name}.models announces no version and model.weights "
+                                    "is not set")
+
+    def _announce(self, info: Any) -> None:
+        assert self._registry is not None and self.store is not None
+        try:
+            ann = self._registry.publish(info.id, info.state_url, metrics=info.metrics, backend=self.spec.backend,
+                                         spec_hash=self.spec.spec_hash())
+            self.store.mark_promoted(info.id, ann.version)
+        except (ModelVersionError, CheckpointError) as e:  # the checkpoint stands; the announcement can be redone
+            log.error("could not announce checkpoint %s as a model version: %s", info.id, e)
+
+    def _maybe_swap(self) -> None:
+        """Between batches: take a newly announced version (verified) without stopping."""
+        if self._watcher is None:
+            return
+        ann = self._watcher.poll()
+        if ann is not None and ann.version != self.model_version:
+            self._swap(ann)
+
+    def _swap(self, ann: Any) -> None:
+        assert self._watcher is not None
+        try:
+            data = self._watcher.fetch_verified(ann)  # sha256 checked against the signed announcement
+            state = st_load(data)  # the verified bytes themselves: no second read of the URL
+            self.learner.load_state_dict(state)
+        except Exception as e:  # a bad version never replaces a good one
+            self.rejected_versions += 1
+            log.error("rejected model version %s: %s", ann.version, e)
+            return
+        log.info("hot-swapped model version %s -> %s", self.model_version, ann.version)
+        self.model_version = ann.version
+        self.versions_seen.append(ann.version)
+
     # -- reporting --------------------------------------------------------
     def _lag(self) -> int | None:
+        if not self.source.assigned:  # also after close(): .consumer would open a new client
+            return 0
         try:
             c = self.source.consumer
             from confluent_kafka import TopicPartition
@@ -285,12 +530,24 @@ class Pipeline:
 
     def _progress(self, t0: float) -> Progress:
         return Progress(self.spec.backend, self.records, self._rate(), self._lag(),
-                        self.learner.snapshot(), time.perf_counter() - t0)
+                        self.learner.snapshot(), time.perf_counter() - t0, self._version_for_batch(),
+                        **self.obs.tick(self))
 
     def _result(self, t0: float) -> RunResult:
         el = time.perf_counter() - t0
         lat = self._latencies[: min(self._n_lat, _LATENCY_RING)] * 1000
         p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if len(lat) else (None, None)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        return RunResult(self.spec.backend, self.records, self.predictions, self.bad, el, self._rate(), p50, p99, rss, self.learner.snapshot(),
-                         self.learner.history, self.model_version)
+        return RunResult(self.spec.backend, self.records, self.predictions, self.bad, el, self._rate(), p50, p99,
+                         rss, self.learner.snapshot(), self.learner.history, self._version_for_batch(),
+                         self.checkpoints, self.last_checkpoint, list(self.versions_seen))
+
+
+def _env_key(var: str) -> bytes | None:
+    """The HMAC key from ``$var`` or the file named by ``$var_FILE`` (None: resolve_key's default)."""
+    if var in os.environ:
+        return os.environ[var].encode()
+    if var + "_FILE" in os.environ:
+        with open(os.environ[var + "_FILE"], "rb") as f:
+            return f.read().strip()
+    return None
