@@ -18,6 +18,14 @@ def _in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    yield
+    from procutil import kill_leftovers
+
+    kill_leftovers()
+
+
 @pytest.fixture(scope="session")
 def broker():
     with EmbeddedBroker() as b:

@@ -17,6 +17,23 @@ def write_spec(spec: PipelineSpec, path: Path) -> Path:
     return path
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+def kill_leftovers() -> None:
+    """SIGKILL every child a test started and did not reap (a failed test must not leak workers)."""
+    import signal
+
+    while STARTED:
+        p = STARTED.pop()
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
 def start_run(spec_path: Path, bootstrap: str, *args: str, env: dict[str, str] | None = None,
               log: Path | None = None) -> subprocess.Popen:
     """``tensorstream run SPEC -b BOOTSTRAP ARGS`` in a child process (its own session)."""
@@ -26,6 +43,8 @@ def start_run(spec_path: Path, bootstrap: str, *args: str, env: dict[str, str] |
                 "TENSORSTREAM_SESSION_TIMEOUT_MS": "3000", "TENSORSTREAM_HEARTBEAT_INTERVAL_MS": "300",
                 **(env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "tensorstream.cli", "-v", "run", str(spec_path),
-                             "-b", bootstrap, *args], env=full_env, stdout=out, stderr=out,
-                            start_new_session=True)
+    p = subprocess.Popen([sys.executable, "-m", "tensorstream.cli", "-v", "run", str(spec_path),
+                          "-b", bootstrap, *args], env=full_env, stdout=out, stderr=out,
+                         start_new_session=True)
+    STARTED.append(p)
+    return p

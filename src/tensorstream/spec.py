@@ -235,6 +235,10 @@ class PipelineSpec(_Strict):
     dead_letter: DeadLetterSpec = Field(default_factory=DeadLetterSpec)
     #: local state (checkpoints by default)
     state_dir: str = ".tensorstream"
+    #: inference: predictions and source offsets commit in one Kafka transaction.
+    #: Isolation needs a broker that hides aborted transactions (Kafka, Redpanda);
+    #: the embedded Tansu broker shows them to read_committed consumers.
+    exactly_once: bool = False
     #: sliding window of the windowed prequential metrics, in records
     metrics_window: int = Field(default=1000, ge=1)
 
@@ -245,6 +249,8 @@ class PipelineSpec(_Strict):
         if self.mode == "infer" and self.model.weights is None and not self.versions.watch:
             raise ValueError("mode 'infer' needs a model: set model.weights to a state file, "
                              "or versions.watch: true to take the versions announced on <name>.models")
+        if self.exactly_once and self.mode != "infer":
+            raise ValueError("exactly_once applies to mode 'infer'; training is exactly-once through checkpoints")
         if self.mode in ("infer", "train+infer") and self.sink is None:
             raise ValueError(f"mode '{self.mode}' needs a 'sink' section (the predictions topic)")
         return self

@@ -45,6 +45,10 @@ class KafkaConfig(BaseModel):
     session_timeout_ms: int | None = Field(default=None, ge=1000)
     heartbeat_interval_ms: int | None = Field(default=None, ge=100)
     max_poll_interval_ms: int | None = Field(default=None, ge=1000)
+    #: idempotent producer (no duplicates from retries). The embedded broker
+    #: forgets producer ids when it restarts, which leaves an idempotent
+    #: producer's in-flight records stuck: ``local()`` turns it off.
+    idempotence: bool = True
     #: anything else, by librdkafka name (passed through verbatim)
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -52,7 +56,7 @@ class KafkaConfig(BaseModel):
         """The settings as a confluent-kafka config dict (secrets revealed)."""
         out: dict[str, Any] = {}
         for name, value in self:
-            if name == "extra" or value is None:
+            if name in ("extra", "idempotence") or value is None:
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
@@ -89,6 +93,7 @@ class KafkaConfig(BaseModel):
         """
         kw.setdefault("session_timeout_ms", 6000)
         kw.setdefault("heartbeat_interval_ms", 500)
+        kw.setdefault("idempotence", False)
         return cls(bootstrap_servers=bootstrap_servers, **kw)
 
     @classmethod

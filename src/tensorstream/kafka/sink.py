@@ -2,8 +2,9 @@
 
 Every ``produce`` registers a delivery callback; ``flush()`` waits for all of
 them and raises ``DeliveryError`` if any record was not delivered, so callers
-commit source offsets only after ``flush()`` returned. Idempotence is on
-(no duplicates from producer retries, order kept per partition).
+commit source offsets only after ``flush()`` returned. Idempotence is on by
+default (no duplicates from producer retries, order kept per partition; see
+``KafkaConfig.idempotence``).
 
 >>> sink = KafkaSink(KafkaConfig.local("127.0.0.1:9092"))          # doctest: +SKIP
 >>> sink.produce("predictions", b'{"label": 1}', key=b"user-7")    # doctest: +SKIP
@@ -55,7 +56,8 @@ class KafkaSink:
     def __init__(self, config: KafkaConfig, *, transactional_id: str | None = None, **overrides: Any):
         self._settings = {
             **config.client_settings(),
-            "enable.idempotence": True,
+            # transactions need idempotence; otherwise it follows the config
+            "enable.idempotence": config.idempotence or transactional_id is not None,
             "linger.ms": 5,
             **({"transactional.id": transactional_id} if transactional_id else {}),
             **overrides,

@@ -81,6 +81,8 @@ class KafkaSource:
             "auto.offset.reset": auto_offset_reset,
             # Partition EOF events let bounded readers know they reached the end.
             "enable.partition.eof": True,
+            # Notice topics created after subscribing within seconds, not librdkafka's 5 minutes.
+            "topic.metadata.refresh.interval.ms": 5000,
             **overrides,
         }
         self._on_assign = on_assign

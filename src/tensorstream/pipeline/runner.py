@@ -217,7 +217,9 @@ class Pipeline:
         self.source = KafkaSource(self.kafka, spec.group_id, [spec.source.topic],
                                   auto_offset_reset=spec.source.auto_offset_reset, on_revoke=self._on_revoke,
                                   start_offsets=self._ckpt_offsets.get if spec.trains else None)
-        self.sink = KafkaSink(self.kafka)
+        self.sink = KafkaSink(self.kafka, transactional_id=(
+            f"tensorstream.{spec.name}.{spec.group_id}" if spec.exactly_once else None))
+        self._in_txn = False
         self._open_versions()
         t0 = time.perf_counter()
         last_commit = last_progress = t0
@@ -287,6 +289,9 @@ class Pipeline:
 
     def _process(self, batch: list[Record]) -> None:
         t_in = time.perf_counter()
+        if self.sink.transactional and not self._in_txn:
+            self.sink.begin()
+            self._in_txn = True
         if self._t_first is None:
             self._t_first = t_in
         decoded: list[Any] = []
@@ -410,10 +415,26 @@ class Pipeline:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
+        if self.sink.transactional:
+            self._commit_transaction(pending)
+            return
         self._flush()
         if not self._commit_offsets(pending):
             for tp, off in pending.items():
                 self._pending.setdefault(tp, off)
+
+    def _commit_transaction(self, pending: dict[TP, int]) -> None:
+        """exactly_once: the batch's predictions and its offsets commit atomically, or neither."""
+        from confluent_kafka import TopicPartition
+
+        try:
+            self.sink.commit_transaction([TopicPartition(t, p, o) for (t, p), o in pending.items()],
+                                         self.source.group_metadata())
+        except Exception:
+            self.sink.abort()
+            raise  # nothing committed: a restart re-processes the aborted window
+        finally:
+            self._in_txn = False
 
     def _checkpoint_due(self) -> bool:
         cfg = self.spec.checkpoint
