@@ -43,7 +43,7 @@ def start_run(spec_path: Path, bootstrap: str, *args: str, env: dict[str, str] |
                 "TENSORSTREAM_SESSION_TIMEOUT_MS": "3000", "TENSORSTREAM_HEARTBEAT_INTERVAL_MS": "300",
                 **(env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL
-    p = subprocess.Popen([sys.executable, "-m", "tensorstream.cli", "-v", "run", str(spec_path),
+    p = subprocess.Popen([sys.executable, "-m", "tensorstream", "-v", "run", str(spec_path),
                           "-b", bootstrap, *args], env=full_env, stdout=out, stderr=out,
                          start_new_session=True)
     STARTED.append(p)

@@ -116,7 +116,7 @@ def test_tensorstream_produces_kcat_consumes(broker, topic_factory, kcat_env):
 
 def test_broker_command_runs_and_stops(tmp_path):
     env = {**os.environ, "TENSORSTREAM_HOME": str(tmp_path)}
-    p = subprocess.Popen([sys.executable, "-m", "tensorstream.cli", "broker", "--port", "0"], env=env,
+    p = subprocess.Popen([sys.executable, "-m", "tensorstream", "broker", "--port", "0"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         addr = p.stdout.readline().strip()

@@ -1,0 +1,5 @@
+"""``python -m tensorstream`` = the ``tensorstream`` command."""
+
+from tensorstream.cli import app
+
+app()

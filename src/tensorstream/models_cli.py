@@ -1,0 +1,175 @@
+"""``tensorstream models ...``: list, show, promote and roll back model versions.
+
+Versions are signed announcements on ``<pipeline>.models`` (see
+``checkpoint/versions.py``); promoting a checkpoint of the pipeline's checkpoint
+store announces it, and inference workers with ``versions.watch: true`` swap it
+in between batches. The HMAC key comes from the spec's ``versions.key_env``
+(default ``TENSORSTREAM_MODELS_HMAC_KEY``, or ``..._FILE``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+app = typer.Typer(help="Model versions: list, show, promote, rollback.", no_args_is_help=True)
+
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option("--bootstrap-servers", "-b", envvar="TENSORSTREAM_BOOTSTRAP_SERVERS",
+                 help="Kafka bootstrap servers. Default: the local `tensorstream broker`."),
+]
+SpecArg = Annotated[Path, typer.Argument(metavar="PIPELINE.yaml", help="The pipeline spec (name, key, store).")]
+
+
+def _cli():  # noqa: ANN202
+    # Imported when a command runs: tensorstream.cli registers this module at import time.
+    from tensorstream import cli
+
+    return cli
+
+
+def _open(spec_path: Path, bootstrap: str | None, state_dir: str | None):  # noqa: ANN202
+    _fail, _resolve_bootstrap = _cli()._fail, _cli()._resolve_bootstrap
+    from tensorstream.checkpoint.versions import ModelRegistry, SigningKeyError, resolve_key
+    from tensorstream.pipeline.runner import _env_key
+    from tensorstream.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as e:
+        _fail(str(e), code=2)
+    if state_dir:
+        spec = spec.model_copy(update={"state_dir": state_dir})
+    servers = _resolve_bootstrap(bootstrap)
+    v = spec.versions
+    try:
+        key = resolve_key(_env_key(v.key_env), allow_unsigned=v.allow_unsigned)
+    except SigningKeyError as e:
+        _fail(str(e))
+    return spec, servers, key, ModelRegistry
+
+
+@app.command("list")
+def list_versions(spec_path: SpecArg, bootstrap_servers: BootstrapOpt = None) -> None:
+    """Every announcement on <pipeline>.models, oldest first; the current one marked."""
+    from tensorstream.checkpoint.versions import format_history, format_rejected
+
+    console, out, kafka_settings = _cli().console, _cli().out, _cli().kafka_settings
+
+    spec, servers, key, Registry = _open(spec_path, bootstrap_servers, None)
+    with kafka_settings(servers) as cfg, Registry(cfg, spec.name, key,
+                                                 allow_unsigned=spec.versions.allow_unsigned) as reg:
+        history = reg.history()
+        rows = format_history(history, reg.current())
+        rejected = format_rejected(reg.rejected)
+    if not rows:
+        console.print(f"no versions announced on {spec.name}.models")
+        return
+    t = Table(title=f"{spec.name}.models")
+    for col in rows[0]:
+        t.add_column(col, no_wrap=col == "version", min_width=15 if col == "version" else None)
+    for r in rows:
+        t.add_row(*r.values())
+    out.print(t)
+    for reason, n in rejected:
+        console.print(f"[yellow]rejected[/] {n} announcement(s): {reason}")
+
+
+@app.command()
+def show(spec_path: SpecArg, version: Annotated[str, typer.Argument(help="Version id.")],
+         bootstrap_servers: BootstrapOpt = None) -> None:
+    """One version's announcement: URL, sha256, metrics, signature."""
+    from tensorstream.checkpoint.versions import ModelVersionError, format_announcement
+
+    _fail, out, kafka_settings = _cli()._fail, _cli().out, _cli().kafka_settings
+
+    spec, servers, key, Registry = _open(spec_path, bootstrap_servers, None)
+    with kafka_settings(servers) as cfg, Registry(cfg, spec.name, key,
+                                                 allow_unsigned=spec.versions.allow_unsigned) as reg:
+        try:
+            ann = reg.find(version)
+        except ModelVersionError as e:
+            _fail(str(e))
+        cur = reg.current()
+        for k, v in format_announcement(ann, is_current=cur is not None and cur.version == ann.version):
+            out.print(f"{k:<12} {v}", highlight=False)
+
+
+@app.command()
+def promote(
+    spec_path: SpecArg,
+    version: Annotated[str, typer.Argument(help="A checkpoint id of the pipeline's store, or a known version.")],
+    bootstrap_servers: BootstrapOpt = None,
+    state_dir: Annotated[str | None, typer.Option(help="Override the spec's state_dir.")] = None,
+) -> None:
+    """Announce a checkpoint (or re-announce an older version) as the current model."""
+    from tensorstream.checkpoint import CheckpointError, CheckpointStore
+    from tensorstream.checkpoint.versions import ModelVersionError
+
+    _fail, console, kafka_settings = _cli()._fail, _cli().console, _cli().kafka_settings
+
+    spec, servers, key, Registry = _open(spec_path, bootstrap_servers, state_dir)
+    store = CheckpointStore(spec.checkpoint_url, keep_last=None)
+    with kafka_settings(servers) as cfg, Registry(cfg, spec.name, key,
+                                                 allow_unsigned=spec.versions.allow_unsigned) as reg:
+        try:
+            try:
+                _, info = store.load(version)  # verifies every hash before announcing it
+            except CheckpointError:
+                info = None
+            if info is not None:
+                ann = reg.publish(info.id, info.state_url, metrics=info.metrics, backend=info.backend,
+                                  spec_hash=info.spec_hash)
+                store.mark_promoted(info.id, ann.version)
+            else:
+                ann = reg.promote(version)
+        except ModelVersionError as e:
+            _fail(f"{e} (not a checkpoint in {spec.checkpoint_url} either)")
+    console.print(f"[green]promoted[/] {ann.version} ({ann.url})")
+
+
+@app.command()
+def rollback(spec_path: SpecArg, bootstrap_servers: BootstrapOpt = None) -> None:
+    """Make the previously promoted version current again."""
+    from tensorstream.checkpoint.versions import ModelVersionError
+
+    _fail, console, kafka_settings = _cli()._fail, _cli().console, _cli().kafka_settings
+
+    spec, servers, key, Registry = _open(spec_path, bootstrap_servers, None)
+    with kafka_settings(servers) as cfg, Registry(cfg, spec.name, key,
+                                                 allow_unsigned=spec.versions.allow_unsigned) as reg:
+        try:
+            ann = reg.rollback()
+        except ModelVersionError as e:
+            _fail(str(e))
+    console.print(f"[green]rolled back[/] to {ann.version}")
+
+
+@app.command()
+def checkpoints(spec_path: SpecArg,
+                state_dir: Annotated[str | None, typer.Option(help="Override the spec's state_dir.")] = None) -> None:
+    """The pipeline's checkpoints (verified), oldest first."""
+    from tensorstream.checkpoint import CheckpointStore
+    from tensorstream.spec import SpecError, load_spec
+
+    _fail, out = _cli()._fail, _cli().out
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as e:
+        _fail(str(e), code=2)
+    if state_dir:
+        spec = spec.model_copy(update={"state_dir": state_dir})
+    infos = CheckpointStore(spec.checkpoint_url, keep_last=None).list(verify=True)
+    t = Table(title=spec.checkpoint_url)
+    t.add_column("id", no_wrap=True, min_width=15)  # ids are what users copy: never truncated
+    for col in ("created", "records learned", "offsets", "promoted as", "accuracy"):
+        t.add_column(col)
+    for i in infos:
+        t.add_row(i.id, i.created_at.isoformat(timespec="seconds"), f"{i.n_learned:,}",
+                  ", ".join(f"{tp}[{p}]={o}" for (tp, p), o in i.offsets.items()), i.promoted or "",
+                  f"{i.metrics['accuracy']:.4f}" if "accuracy" in i.metrics else "")
+    out.print(t)
