@@ -40,6 +40,37 @@ BootstrapOpt = Annotated[
                  help="Kafka bootstrap servers (host:port[,host:port]). Default: the local `tensorstream broker`."),
 ]
 
+# Observability options of `run` and `demo` (see tensorstream.observe and docs/observability.md).
+MetricsPortOpt = Annotated[int | None, typer.Option(
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port; demo: one port per backend "
+         "from here).")]
+MetricsHostOpt = Annotated[str, typer.Option(help="Interface for --metrics-port (0.0.0.0: every interface).")]
+DashboardOpt = Annotated[bool, typer.Option("--dashboard", help="Serve the live dashboard on 127.0.0.1 and print "
+                                                                "its URL.")]
+DashboardPortOpt = Annotated[int, typer.Option(help="Port of --dashboard (0 = a free one).")]
+RunDirOpt = Annotated[Path | None, typer.Option(
+    help="Record metrics.jsonl + result.json here, for `tensorstream report` and `tensorstream dashboard`.")]
+
+
+def _announce(text: str, **fields: Any) -> None:
+    from tensorstream.observe.logging import announce
+
+    announce(text, **fields)
+
+
+def _observers(dashboard: bool, dashboard_port: int, run_dir: Path | None) -> Any:
+    from tensorstream.observe import Observers
+    from tensorstream.observe.logging import json_logs
+
+    try:
+        views = Observers(dashboard=dashboard, dashboard_port=dashboard_port, run_dir=run_dir, json_logs=json_logs())
+    except OSError as e:
+        _fail(f"cannot serve the dashboard on 127.0.0.1:{dashboard_port}: {e.strerror or e}")
+    if views.url:
+        _announce(f"dashboard: {views.url}", url=views.url)
+    return views
+
+
 STATE_FILE = Path(os.environ.get("TENSORSTREAM_HOME", Path.home() / ".tensorstream")) / "broker.json"
 
 
@@ -240,14 +271,24 @@ def run(
     dashboard: DashboardOpt = False,
     dashboard_port: DashboardPortOpt = 0,
     run_dir: RunDirOpt = None,
+    workers: Annotated[int, typer.Option(
+        help="Inference only: start N worker processes in one consumer group (partitions are shared).")] = 1,
 ) -> None:
     """Run a pipeline: train, infer or both, with a live progress line. Ctrl-C stops cleanly."""
     from tensorstream.spec import SpecError, load_spec
+
+    # A SIGTERM during start-up (imports, group join) is a request to stop, not a crash.
+    early_stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _f: early_stop.append(signum))
 
     try:
         spec = load_spec(spec_path, backend=backend)  # validated before any connection
     except SpecError as e:
         _fail(str(e), code=2)
+    if workers > 1:
+        _run_workers(spec, spec_path, workers, bootstrap_servers, backend=backend, until_end=until_end,
+                     max_records=max_records, timeout=timeout)
+        return
     from tensorstream.pipeline import Pipeline, Progress
     from tensorstream.produce import produce_records
 
@@ -297,9 +338,12 @@ def run(
             pipe.stop()
 
         prev = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
+        if early_stop:
+            pipe.stop()
         with status:
             try:
                 result = pipe.run(until_end=until_end, max_records=max_records, timeout=timeout)
+                views.result(key, result)
             except PipelineError as e:
                 views.error(key, str(e))
                 _fail(str(e))
@@ -308,7 +352,6 @@ def run(
                     signal.signal(sig, handler)
                 views.close()
                 pipe.obs.close()
-        views.result(key, result)
     console.print(f"[green]done[/]: {result.records:,} records, {result.predictions:,} predictions, "
                   f"{result.bad:,} dead letters, {result.records_per_s:,.0f} rec/s")
     for k, v in result.metrics.items():
@@ -325,11 +368,36 @@ def run(
         tmp_state.cleanup()
 
 
+def _run_workers(spec: Any, spec_path: Path, n: int, bootstrap: str | None, **flags: Any) -> None:
+    from tensorstream.pipeline.workers import run_workers
+
+    if spec.trains:
+        _fail("--workers > 1 is for mode 'infer': N trainers would learn N diverging models; distributed "
+              "training uses the frameworks' own engines (see the README)")
+    with kafka_settings(_resolve_bootstrap(bootstrap, allow_embedded=True)) as cfg:
+        args = [str(spec_path), "-b", cfg.bootstrap_servers]
+        if flags["backend"]:
+            args += ["--backend", flags["backend"]]
+        if flags["until_end"]:
+            args.append("--until-end")
+        for name in ("max_records", "timeout"):
+            if flags[name] is not None:
+                args += [f"--{name.replace('_', '-')}", str(flags[name])]
+        console.print(f"starting {n} workers in group {spec.group_id} on {cfg.bootstrap_servers}")
+        code = run_workers(n, args)
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 def demo(
     bootstrap_servers: BootstrapOpt = None,
     backends: Annotated[str, typer.Option(help="Comma-separated backends to compare.")] = "torch,tensorflow",
     result_json: Annotated[Path | None, typer.Option(help="Write all results here.")] = None,
+    metrics_port: MetricsPortOpt = None,
+    dashboard: DashboardOpt = False,
+    dashboard_port: DashboardPortOpt = 0,
+    run_dir: RunDirOpt = None,
 ) -> None:
     """Stream drifting and real datasets through PyTorch and TensorFlow pipelines side by side."""
     from tensorstream.demo import run_demo, summary_table
@@ -339,8 +407,12 @@ def demo(
     if bad or not chosen:
         _fail(f"unknown backend(s) {bad}: use torch and/or tensorflow")
     t0 = time.perf_counter()
-    with kafka_settings(bootstrap_servers) as cfg:
-        results = run_demo(cfg, console, backends=chosen)
+    views = _observers(dashboard, dashboard_port, run_dir)
+    try:
+        with kafka_settings(bootstrap_servers) as cfg:
+            results = run_demo(cfg, console, backends=chosen, observers=views, metrics_port=metrics_port)
+    finally:
+        views.close()
     out.print(summary_table(results))
     out.print(f"finished in {time.perf_counter() - t0:.0f}s; the embedded broker is stopped, nothing left running.")
     if result_json:
@@ -351,6 +423,9 @@ def demo(
 
 # --- command groups and commands that live in their own modules (one line each) ---
 app.command(name="bench")(__import__("tensorstream.bench.command", fromlist=["bench"]).bench)
+app.command(name="dashboard")(__import__("tensorstream.observe.commands", fromlist=["dashboard"]).dashboard)
+app.command(name="report")(__import__("tensorstream.observe.commands", fromlist=["report"]).report)
+app.add_typer(__import__("tensorstream.models_cli", fromlist=["app"]).app, name="models")
 
 
 def run_cli() -> None:  # pragma: no cover

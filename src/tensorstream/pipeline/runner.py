@@ -135,7 +135,12 @@ class Pipeline:
         self.kafka = kafka
         self.on_progress = on_progress
         self.commit_interval_s = commit_interval_s
-        self.codec = get_codec(spec.source.codec)
+        self.codec = get_codec(spec.source.codec, **spec.source.codec_options())
+        self.sink_codec = None  # predictions as JSON; Avro (Confluent wire format) when the sink asks for it
+        if spec.sink is not None and spec.sink.format == "avro-registry":
+            from tensorstream.codecs.avro import PREDICTION_SCHEMA
+
+            self.sink_codec = get_codec("avro-registry", writer_schema=PREDICTION_SCHEMA, **spec.sink.codec_options())
         self.backend = make_backend(spec.backend)
         self.learner = OnlineLearner(spec, self.backend)
         self.obs = PipelineMetrics(spec.name, spec.backend)  # Prometheus; /metrics served only with a port
@@ -288,6 +293,12 @@ class Pipeline:
         return batch
 
     def _process(self, batch: list[Record]) -> None:
+        if len(self.source.assigned) < len({(r.topic, r.partition) for r in batch} | self.source.assigned):
+            # A rebalance took partitions away while this batch was being gathered: their new
+            # owner starts from our last commit, so leave those records to it (no duplicates).
+            batch = [r for r in batch if (r.topic, r.partition) in self.source.assigned]
+            if not batch:
+                return
         t_in = time.perf_counter()
         if self.sink.transactional and not self._in_txn:
             self.sink.begin()
@@ -340,10 +351,10 @@ class Pipeline:
         for rec, pred in zip(recs, predictions, strict=True):
             if pred is None:
                 continue
-            value = orjson.dumps({
-                **pred, "model_version": version,
-                "source": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
-            }, option=orjson.OPT_SERIALIZE_NUMPY)
+            out = {**pred, "model_version": version,
+                   "source": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}}
+            value = (self.sink_codec.encode(out) if self.sink_codec is not None
+                     else orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY))
             headers = [
                 ("model.version", vbytes),
                 ("source.topic", rec.topic.encode()),
