@@ -420,8 +420,8 @@ def test_registry():
     np.testing.assert_array_equal(frame.decode_batch([frame.encode(x)] * 2), [x, x])
     assert json.decode(json.encode({"a": 1})) == {"a": 1}
     assert json.decode_batch([b'{"a":1}']) == [{"a": 1}]
-    with pytest.raises(ValueError, match="unknown codec 'avro'; known codecs: 'frame', 'json'"):
-        get_codec("avro")
+    with pytest.raises(ValueError, match="unknown codec 'xml'; known codecs: 'avro', 'avro-registry', 'frame', 'json'"):
+        get_codec("xml")
 
 
 @pytest.mark.parametrize("module", ["__init__", "errors", "frame", "jsonc"])

@@ -1,10 +1,13 @@
 """Bytes to records and arrays, and back. No deep-learning framework imports.
 
-Two codecs so far, each with one verb per direction:
+Codecs, each with one verb per direction:
 
 - ``"json"``: JSON objects (orjson); numpy values encode as lists/numbers.
 - ``"frame"``: tensor frames, numpy arrays decoded zero-copy
   (see ``docs/tensor-frame-format.md``).
+- ``"avro"`` (``schema=``) and ``"avro-registry"`` (``registry=`` URL or client,
+  Confluent wire format): Avro records as dicts (``codecs/avro.py``,
+  ``docs/avro.md``). These two take options, so ``get_codec`` builds them.
 
 Every malformed input raises :class:`DecodeError` (a ``ValueError``) with a
 message fit for a dead-letter header.
@@ -72,18 +75,43 @@ _CODECS = {
 }
 
 
-def get_codec(name: str) -> Codec:
-    """Return the codec registered under ``name``.
+def _avro(schema: Any = None, reader_schema: Any = None) -> Codec:
+    from .avro import avro_codec
+
+    if schema is None:
+        raise ValueError("codec 'avro' needs a schema (inline Avro schema JSON or a .avsc path)")
+    return avro_codec(schema, reader_schema)
+
+
+def _avro_registry(registry: Any = None, **options: Any) -> Codec:
+    from .avro import registry_codec
+
+    if registry is None:
+        raise ValueError("codec 'avro-registry' needs a schema registry (a URL: http(s)://..., or mock://NAME)")
+    return registry_codec(registry, **options)
+
+
+#: codecs built per use from options (a schema, a registry)
+_FACTORIES: dict[str, Callable[..., Codec]] = {"avro": _avro, "avro-registry": _avro_registry}
+
+
+def get_codec(name: str, **options: Any) -> Codec:
+    """Return the codec registered under ``name`` (built from ``options`` for Avro).
 
     >>> get_codec("frame").name
     'frame'
     >>> get_codec("xml")
     Traceback (most recent call last):
     ...
-    ValueError: unknown codec 'xml'; known codecs: 'frame', 'json'
+    ValueError: unknown codec 'xml'; known codecs: 'avro', 'avro-registry', 'frame', 'json'
     """
+    if name in _FACTORIES:
+        return _FACTORIES[name](**options)
     try:
-        return _CODECS[name]
+        codec = _CODECS[name]
     except KeyError:
-        known = ", ".join(repr(n) for n in sorted(_CODECS))
+        known = ", ".join(repr(n) for n in sorted([*_CODECS, *_FACTORIES]))
         raise ValueError(f"unknown codec {name!r}; known codecs: {known}") from None
+    if options:
+        raise ValueError(f"codec {name!r} takes no options (got {', '.join(sorted(options))})")
+    return codec

@@ -24,19 +24,57 @@ class TopicInfo:
         return sum(hi - lo for lo, hi in self.watermarks.values())
 
 
+#: client errors that retrying will not fix (a CA that does not verify the broker,
+#: refused credentials): raised at once instead of after a metadata timeout
+_FAIL_FAST = frozenset({KafkaError._SSL, KafkaError._AUTHENTICATION})
+
+
+class KafkaConnectError(RuntimeError):
+    """The client cannot connect for a reason retries will not fix (TLS verification, authentication)."""
+
+
 class KafkaAdmin:
     def __init__(self, config: KafkaConfig):
         self.config = config
         self._admin: AdminClient | None = None
+        self._setup_error: KafkaError | None = None
 
     @property
     def admin(self) -> AdminClient:
         if self._admin is None:
-            self._admin = AdminClient(self.config.client_settings())
+            self._admin = AdminClient({**self.config.client_settings(), "error_cb": self._on_error})
         return self._admin
 
+    def _on_error(self, err: KafkaError) -> None:
+        # A TLS alert from the server (e.g. "certificate required" under mutual TLS) arrives as a
+        # transport error; it is a verdict on our settings, not a dropped connection.
+        tls_alert = err.code() == KafkaError._TRANSPORT and "SSL alert" in err.str()
+        if err.code() in _FAIL_FAST or err.fatal() or tls_alert:
+            self._setup_error = err
+
+    def _raise_setup_error(self) -> None:
+        self.admin.poll(0)  # serves error_cb
+        err = self._setup_error
+        if err is not None:
+            raise KafkaConnectError(f"cannot connect to {self.config.bootstrap_servers} "
+                                    f"(security.protocol={self.config.security_protocol or 'PLAINTEXT'}): "
+                                    f"{err.str()}")
+
     def list_topics(self, timeout: float = 10.0) -> dict[str, int]:
-        md = self.admin.list_topics(timeout=timeout)
+        # Growing slices instead of one long wait: between them, error_cb reports a TLS or
+        # SASL failure within a fraction of a second (librdkafka itself retries silently).
+        deadline = time.monotonic() + timeout
+        step = 0.25
+        while True:
+            try:
+                md = self.admin.list_topics(timeout=max(0.01, min(step, deadline - time.monotonic())))
+                break
+            except KafkaException:
+                self._raise_setup_error()
+                if time.monotonic() >= deadline:
+                    raise
+                step *= 2
+                time.sleep(0.02)  # never a busy loop, should an error come back at once
         return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
     def ensure_topic(self, name: str, partitions: int = 1, config: dict[str, str] | None = None,

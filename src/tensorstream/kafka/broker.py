@@ -124,9 +124,12 @@ class EmbeddedBroker:
     the same port (in-memory: topics are gone after a restart).
     """
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", start_timeout: float = 15.0):
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", start_timeout: float = 15.0,
+                 advertised_port: int | None = None):
         self.host = host
         self.port = port or free_port(host)
+        #: the port clients are told to connect to (a TLS proxy in front of us: kafka/tls.py); default: ours
+        self.advertised_port = advertised_port
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path: Path | None = None
@@ -157,9 +160,10 @@ class EmbeddedBroker:
         fd, log = tempfile.mkstemp(prefix="tensorstream-broker-", suffix=".log")
         self._log_path = Path(log)
         url = f"tcp://{self.bootstrap_servers}"
+        advertised = f"tcp://{self.host}:{self.advertised_port}" if self.advertised_port else url
         with os.fdopen(fd, "wb") as logf:
             self._proc = subprocess.Popen(
-                [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                  "--storage-engine", "memory://tansu/"],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it in order

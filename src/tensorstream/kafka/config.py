@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
 
 ENV_PREFIX = "TENSORSTREAM_"
 
@@ -51,6 +51,11 @@ class KafkaConfig(BaseModel):
     idempotence: bool = True
     #: anything else, by librdkafka name (passed through verbatim)
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_serializer("extra")
+    def _mask_extra(self, extra: dict[str, Any]) -> dict[str, Any]:
+        # model_dump()/model_dump_json() must not reveal pass-through secrets either.
+        return {k: ("**********" if k in SECRET_KEYS else v) for k, v in extra.items()}
 
     def to_librdkafka(self) -> dict[str, Any]:
         """The settings as a confluent-kafka config dict (secrets revealed)."""

@@ -83,8 +83,11 @@ class KafkaSource:
             "enable.partition.eof": True,
             # Notice topics created after subscribing within seconds, not librdkafka's 5 minutes.
             "topic.metadata.refresh.interval.ms": 5000,
+            # Client-wide errors (TLS verification, authentication) reach only error_cb, never consume().
+            "error_cb": self._on_error,
             **overrides,
         }
+        self._client_error: KafkaError | None = None
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._start_offsets = start_offsets
@@ -123,9 +126,18 @@ class KafkaSource:
         self.at_eof.difference_update(tps)
 
     # -- reading ----------------------------------------------------------
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal() or err.code() in _FATAL_CODES:
+            self._client_error = err  # raised by poll_batch: retrying will not fix it
+        else:
+            log.debug("consumer: %s", err.str())  # transient (broker down...): librdkafka retries
+
     def poll_batch(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
         """Up to ``max_records`` records, waiting at most ``timeout`` seconds."""
         msgs = self.consumer.consume(max_records, timeout)
+        if self._client_error is not None:
+            raise ConsumeError(f"consumer cannot connect to {self.config.bootstrap_servers}: "
+                               f"{self._client_error.str()}")
         out: list[Record] = []
         for m in msgs:
             err = m.error()
