@@ -31,13 +31,24 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$digest" ]; then
   echo "$digest" > "$stamp"
 fi
 
-if [ "$want_tests" = 1 ] && ! command -v kcat >/dev/null 2>&1; then
-  # kcat (a Kafka client nobody here wrote) is used by the interop tests.
-  if [ "$(id -u)" = 0 ]; then
-    echo "setup: installing kcat (apt-get)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat) >/dev/null
-  else
-    echo "setup: kcat is missing and we are not root: run 'sudo apt-get install kcat'" >&2
-    exit 1
+if [ "$want_tests" = 1 ]; then
+  # kcat (a Kafka client nobody here wrote) is used by the interop tests; headless Chromium
+  # (Debian's, driven by Playwright or chromedriver) by the dashboard's browser test.
+  missing=""
+  command -v kcat >/dev/null 2>&1 || missing="$missing kcat"
+  # stunnel4: the TLS endpoint in front of the embedded broker (tests/test_tls.py); openssl: its TLS library + CLI
+  command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || missing="$missing stunnel4"
+  command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+  [ -x /usr/bin/chromium ] || missing="$missing chromium"
+  command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "setup: installing$missing (apt-get)"
+      # shellcheck disable=SC2086  # word splitting of the package list is intended
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null
+    else
+      echo "setup: missing$missing and we are not root: run 'sudo apt-get install$missing'" >&2
+      exit 1
+    fi
   fi
 fi

@@ -273,6 +273,9 @@ def run(
     run_dir: RunDirOpt = None,
     workers: Annotated[int, typer.Option(
         help="Inference only: start N worker processes in one consumer group (partitions are shared).")] = 1,
+    ranks: Annotated[int, typer.Option(
+        help="Training: start N local ranks of one data-parallel job (torch.distributed / tf.distribute; rank r "
+             "reads partitions p % N == r; docs/distributed.md).")] = 1,
 ) -> None:
     """Run a pipeline: train, infer or both, with a live progress line. Ctrl-C stops cleanly."""
     from tensorstream.spec import SpecError, load_spec
@@ -288,6 +291,11 @@ def run(
     if workers > 1:
         _run_workers(spec, spec_path, workers, bootstrap_servers, backend=backend, until_end=until_end,
                      max_records=max_records, timeout=timeout)
+        return
+    if ranks > 1:
+        _run_ranks(spec, spec_path, ranks, bootstrap_servers, backend=backend, produce_from=produce_from,
+                   limit=limit, until_end=until_end, max_records=max_records, timeout=timeout,
+                   result_json=result_json, save_state=save_state, state_dir=state_dir)
         return
     from tensorstream.pipeline import Pipeline, Progress
     from tensorstream.produce import produce_records
@@ -389,6 +397,48 @@ def _run_workers(spec: Any, spec_path: Path, n: int, bootstrap: str | None, **fl
         raise typer.Exit(code)
 
 
+def _run_ranks(spec: Any, spec_path: Path, n: int, bootstrap: str | None, **flags: Any) -> None:
+    """``run --ranks N``: one local data-parallel training job (pipeline/distributed.py)."""
+    import tempfile
+
+    from tensorstream.pipeline.distributed import launch_ranks
+    from tensorstream.produce import produce_records
+
+    if not spec.trains:
+        _fail("--ranks is for training (mode 'train' or 'train+infer'); inference scales out with --workers N")
+    if (spec.distributed.engine or spec.backend) == "none":
+        _fail("--ranks > 1, but the spec sets distributed.engine: none")
+    servers = _resolve_bootstrap(bootstrap, allow_embedded=True)
+    # Every rank must see rank 0's checkpoints: with the embedded broker, one temporary state dir for all.
+    tmp = tempfile.TemporaryDirectory(prefix="tensorstream-ranks-") if not flags["state_dir"] and not servers else None
+    with kafka_settings(servers) as cfg:
+        if flags["produce_from"]:
+            produce_records(cfg, flags["produce_from"], spec.source.topic, limit=flags["limit"],
+                            progress=not console.quiet)
+        args = [str(spec_path), "-b", cfg.bootstrap_servers]
+        if flags["backend"]:
+            args += ["--backend", flags["backend"]]
+        if flags["state_dir"] or tmp is not None:
+            args += ["--state-dir", flags["state_dir"] or tmp.name]  # type: ignore[union-attr]
+        if flags["until_end"]:
+            args.append("--until-end")
+        for name in ("max_records", "timeout"):
+            if flags[name] is not None:
+                args += [f"--{name.replace('_', '-')}", str(flags[name])]
+        rank0 = []  # the job's result and state: rank 0 holds the totals
+        if flags["result_json"]:
+            rank0 += ["--result-json", str(flags["result_json"])]
+        if flags["save_state"]:
+            rank0 += ["--save-state", flags["save_state"]]
+        console.print(f"starting {n} ranks ({spec.distributed.engine or spec.backend} engine) on "
+                      f"{cfg.bootstrap_servers}")
+        code = launch_ranks(n, args, rank0_args=rank0)
+    if tmp is not None:
+        tmp.cleanup()
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 def demo(
     bootstrap_servers: BootstrapOpt = None,
@@ -426,6 +476,9 @@ app.command(name="bench")(__import__("tensorstream.bench.command", fromlist=["be
 app.command(name="dashboard")(__import__("tensorstream.observe.commands", fromlist=["dashboard"]).dashboard)
 app.command(name="report")(__import__("tensorstream.observe.commands", fromlist=["report"]).report)
 app.add_typer(__import__("tensorstream.models_cli", fromlist=["app"]).app, name="models")
+app.add_typer(__import__("tensorstream.config_cli", fromlist=["app"]).app, name="config")
+app.command(name="export")(__import__("tensorstream.export_cli", fromlist=["export"]).export)
+app.add_typer(__import__("tensorstream.vision.commands", fromlist=["app"]).app, name="video")
 
 
 def run_cli() -> None:  # pragma: no cover

@@ -39,6 +39,8 @@ class DemoStream:
     source: str  # produce source
     records: int
     drift_at: int | None
+    #: source topic instead of the example spec's (predictions: "<topic>.predictions.<backend>")
+    topic: str | None = None
 
 
 STREAMS = (
@@ -53,7 +55,8 @@ def example_spec(name: str, **overrides: Any) -> PipelineSpec:
         return load_spec(path, **overrides)
 
 
-def _worker(spec_json: bytes, bootstrap: str, key: str, q: Any) -> None:  # runs in a child process
+def _worker(spec_json: bytes, bootstrap: str, key: str, q: Any,
+            metrics_port: int | None = None) -> None:  # runs in a child process
     # One core per process: the two backends run side by side on a 2-core machine.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
@@ -64,7 +67,7 @@ def _worker(spec_json: bytes, bootstrap: str, key: str, q: Any) -> None:  # runs
     spec = PipelineSpec.model_validate_json(spec_json)
     try:
         pipe = Pipeline(spec, KafkaConfig.local(bootstrap),
-                        on_progress=lambda p: q.put(("progress", key, p.__dict__)))
+                        on_progress=lambda p: q.put(("progress", key, p.__dict__)), metrics_port=metrics_port)
         result = pipe.run(until_end=True, timeout=600)
         q.put(("result", key, result.to_dict()))
     except Exception as e:  # surfaced in the parent's table, never a silent hang
@@ -110,26 +113,59 @@ def _table(rows: dict[str, dict[str, Any]], title: str) -> Table:
 
 
 def run_demo(cfg: KafkaConfig, console: Console, *, streams: tuple[DemoStream, ...] = STREAMS,
-             backends: tuple[str, ...] = BACKENDS) -> dict[str, dict[str, Any]]:
-    """Run every stream on every backend; returns the results keyed ``"<pipeline>/<backend>"``."""
+             backends: tuple[str, ...] = BACKENDS, observers: Any = None,
+             metrics_port: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run every stream on every backend; returns the results keyed ``"<pipeline>/<backend>"``.
+
+    ``observers`` (a :class:`tensorstream.observe.Observers`) gets every progress
+    message the workers send (the live dashboard, a run directory); with
+    ``metrics_port`` each backend's worker serves ``/metrics`` on its own port
+    (``metrics_port + i``; 0 = free ports), printed before the run.
+    """
     # Checkpoints go to a throwaway dir: every demo run starts from an untrained model.
     with tempfile.TemporaryDirectory(prefix="tensorstream-demo-") as state_dir:
-        return _run_demo(cfg, console, streams, backends, state_dir)
+        return _run_demo(cfg, console, streams, backends, state_dir, observers, metrics_port)
+
+
+def _metrics_ports(base: int | None, n: int) -> list[int | None]:
+    if base is None:
+        return [None] * n
+    if base:
+        return [base + i for i in range(n)]
+    import socket
+
+    ports = []
+    for _ in range(n):  # free ports now; a worker binds its own a moment later
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    return ports
 
 
 def _run_demo(cfg: KafkaConfig, console: Console, streams: tuple[DemoStream, ...], backends: tuple[str, ...],
-              state_dir: str) -> dict[str, dict[str, Any]]:
+              state_dir: str, observers: Any = None, metrics_port: int | None = None) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
+    ports = _metrics_ports(metrics_port, len(backends))
+    if metrics_port is not None:
+        from tensorstream.observe.logging import announce
+
+        urls = {b: f"http://127.0.0.1:{p}/metrics" for b, p in zip(backends, ports, strict=True)}
+        announce("metrics: " + ", ".join(f"{b} {u}" for b, u in urls.items()), urls=urls)
     ctx = mp.get_context("spawn")  # fresh interpreters: no framework state shared, honest peak memory
     for stream in streams:
         base = example_spec(stream.example)
+        if stream.topic:
+            base = base.model_copy(update={
+                "source": base.source.model_copy(update={"topic": stream.topic}),
+                "sink": base.sink.model_copy(update={"topic": f"{stream.topic}.predictions"}),
+            })
         console.print(f"\n[bold]{stream.title}[/]: producing {stream.records:,} records to '{base.source.topic}'")
-        produce_records(cfg, stream.source, base.source.topic, limit=stream.records, progress=True)
+        produce_records(cfg, stream.source, base.source.topic, limit=stream.records, progress=not console.quiet)
         labels = [r[LABEL_FIELD] for r in open_source(stream.source, limit=stream.records)]
         q = ctx.Queue()
         live_rows: dict[str, dict[str, Any]] = {}
         procs = {}
-        for backend in backends:
+        for backend, port in zip(backends, ports, strict=True):
             spec = base.model_copy(update={
                 "backend": backend, "name": f"{base.name}-{backend}",
                 "model": base.model.model_copy(update={"threads": 1}),
@@ -139,7 +175,7 @@ def _run_demo(cfg: KafkaConfig, console: Console, streams: tuple[DemoStream, ...
             key = f"{base.name}/{backend}"
             live_rows[key] = {"records": 0}
             procs[key] = (ctx.Process(target=_worker, args=(spec.model_dump_json().encode(), cfg.bootstrap_servers,
-                                                               key, q), daemon=True), spec)
+                                                               key, q, port), daemon=True), spec)
             procs[key][0].start()
         done: set[str] = set()
         with Live(_table(live_rows, stream.title), console=console, refresh_per_second=4) as live:
@@ -150,8 +186,12 @@ def _run_demo(cfg: KafkaConfig, console: Console, streams: tuple[DemoStream, ...
                     for key, (p, _) in procs.items():
                         if key not in done and not p.is_alive():
                             live_rows[key]["error"] = f"worker exited with code {p.exitcode}"
+                            if observers is not None:
+                                observers.error(key, live_rows[key]["error"])
                             done.add(key)
                     continue
+                if observers is not None:  # the live dashboard / run directory
+                    getattr(observers, kind)(key, payload)
                 if kind == "progress":
                     live_rows[key].update(payload)
                 elif kind == "result":

@@ -52,6 +52,8 @@ from tensorstream.kafka import (
 )
 from tensorstream.learn import OnlineLearner
 from tensorstream.observe.metrics import PipelineMetrics
+from tensorstream.pipeline.distributed import DistributedTrainer
+from tensorstream.pipeline.distributed import resolve as resolve_distributed
 from tensorstream.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -141,12 +143,27 @@ class Pipeline:
             from tensorstream.codecs.avro import PREDICTION_SCHEMA
 
             self.sink_codec = get_codec("avro-registry", writer_schema=PREDICTION_SCHEMA, **spec.sink.codec_options())
-        self.backend = make_backend(spec.backend)
+        # One rank of a data-parallel job when a world size > 1 is set (pipeline/distributed.py):
+        # the engine's backend, joined to the job before anything is built or restored.
+        dist_ctx = resolve_distributed(spec)
+        self.backend = make_backend(dist_ctx.backend_name if dist_ctx else spec.backend)
         self.learner = OnlineLearner(spec, self.backend)
+        self.distributed = DistributedTrainer(self, dist_ctx) if dist_ctx else None
         self.obs = PipelineMetrics(spec.name, spec.backend)  # Prometheus; /metrics served only with a port
         if metrics_port is not None:
             self.obs.serve(metrics_port, metrics_host)
         self.dlq_topic = f"{spec.name}.dlq"
+        # Drift / champion-challenger events (JSON, keyed by pipeline name): see docs/drift.md.
+        self.events_topic = f"{spec.name}.events"
+        self.drift_events: list[dict[str, Any]] = []  # the events this run wrote there
+        self._promotion_pending = False  # a challenger won: checkpoint (and announce) it next
+        # Delayed labels: a second topic, joined by key in the learner (learn/delayed.py).
+        self.labels_codec = get_codec("json") if spec.labels is not None else None
+        # Records read but not yet released to the join, per side, and the released queue.
+        self._held: dict[TP, deque[Record]] = {}
+        self._held_next: dict[TP, int] = {}
+        self._ready: deque[Record] = deque()
+        self._paused: set[TP] = set()
         self._stop = False
         self._latencies = np.zeros(_LATENCY_RING, dtype=np.float64)
         self._n_lat = 0
@@ -189,6 +206,8 @@ class Pipeline:
     def _restore(self) -> None:
         assert self.store is not None
         found = self.store.latest()
+        if self.distributed is not None:  # every rank resumes from the same checkpoint
+            found = self.distributed.agree_on_checkpoint(found)
         if found is None:
             return
         state, info = found
@@ -214,12 +233,20 @@ class Pipeline:
     # -- the loop ---------------------------------------------------------
     def run(self, *, max_records: int | None = None, until_end: bool = False, timeout: float | None = None,
             idle_timeout: float | None = None) -> RunResult:
+        if self.distributed is not None:  # partitions split by rank, steps in lock-step, rank 0 checkpoints
+            return self.distributed.run(max_records=max_records, until_end=until_end, timeout=timeout,
+                                        idle_timeout=idle_timeout)
         spec = self.spec
         admin = KafkaAdmin(self.kafka)
         admin.ensure_topic(spec.source.topic)
         if spec.sink is not None:
             admin.ensure_topic(spec.sink.topic)
-        self.source = KafkaSource(self.kafka, spec.group_id, [spec.source.topic],
+        if spec.labels is not None:
+            admin.ensure_topic(spec.labels.topic)
+        if self.learner.drift.enabled:
+            admin.ensure_topic(self.events_topic)
+        self.source = KafkaSource(self.kafka, spec.group_id,
+                                  [spec.source.topic, *([spec.labels.topic] if spec.labels is not None else [])],
                                   auto_offset_reset=spec.source.auto_offset_reset, on_revoke=self._on_revoke,
                                   start_offsets=self._ckpt_offsets.get if spec.trains else None)
         self.sink = KafkaSink(self.kafka, transactional_id=(
@@ -278,6 +305,8 @@ class Pipeline:
     def _next_batch(self, max_size: int, max_wait: float) -> list[Record]:
         """A micro-batch: closes at ``max_size`` records, ``max_wait`` after its first
         record, or at the end of the data (so a fixed-size batching is reproducible)."""
+        if self.spec.labels is not None:
+            return self._next_merged(max_size, max_wait)
         batch = self.source.poll_batch(max_size, 0.1)
         if not batch or len(batch) >= max_size or max_wait <= 0:
             return batch
@@ -308,7 +337,12 @@ class Pipeline:
         decoded: list[Any] = []
         keep: list[Record] = []
         n_bad = 0
-        for rec in batch:
+        label_recs: list[Record] = []
+        features_batch = batch
+        if self.spec.labels is not None:  # one consumer reads both topics: route by topic
+            label_recs = [r for r in batch if r.topic == self.spec.labels.topic]
+            features_batch = [r for r in batch if r.topic != self.spec.labels.topic]
+        for rec in features_batch:
             try:
                 if rec.value is None:
                     raise DecodeError("empty record value (tombstone)")
@@ -319,13 +353,24 @@ class Pipeline:
                 n_bad += 1
         if decoded:
             version = self._version_for_batch()
-            outcome = self.learner.process(decoded, train=True) if self.spec.trains else self.learner.predict(decoded)
+            if self.spec.labels is not None:  # predict now, learn when the label comes
+                kf = self.spec.labels.key_field
+                keys = [r.key if kf is None else (d.get(kf) if isinstance(d, dict) else None)
+                        for r, d in zip(keep, decoded, strict=True)]
+                outcome = self.learner.process_features(decoded, keys, train=True)
+            elif self.spec.trains:
+                outcome = self.learner.process(decoded, train=True)
+            else:
+                outcome = self.learner.predict(decoded)
             self.obs.on_learn(outcome.n_learned, outcome.loss)
+            self._write_events(outcome.events, keep, batch)
             for b in outcome.bad:
                 self._dead_letter(keep[b.index], b.error_type, b.message)
             n_bad += len(outcome.bad)
             if self.spec.sink is not None:
                 self._emit(keep, outcome.predictions, version)
+        if label_recs:
+            n_bad += self._process_labels(label_recs, batch)
         self.records += len(batch)
         for rec in batch:
             tp = (rec.topic, rec.partition)
@@ -341,8 +386,11 @@ class Pipeline:
     def _version_for_batch(self) -> str:
         # A training model changes every batch: name it by what it has learned
         # (deterministic, and it says exactly which model made the prediction).
-        if self.spec.trains:
-            return f"{self.spec.name}@{self.learner.n_learned}"
+        if self.spec.trains:  # distributed: the records the whole job has learned
+            n = self.distributed.n_learned if self.distributed is not None else self.learner.n_learned
+            # "+g<k>": the k-th champion promoted from a challenger (drift.policy: challenger)
+            gen = self.learner.generation
+            return f"{self.spec.name}@{n}" + (f"+g{gen}" if gen else "")
         return self.model_version
 
     def _emit(self, recs: list[Record], predictions: list[dict[str, Any] | None], version: str) -> None:
@@ -367,6 +415,138 @@ class Pipeline:
             self.predictions += 1
         self.obs.on_predictions(sum(p is not None for p in predictions))
         self.sink.poll(0)
+
+    def _next_merged(self, max_size: int, max_wait: float) -> list[Record]:
+        """Delayed labels: a micro-batch of features and labels records in record-time order.
+
+        From a backlog, one fetch can bring thousands of records of one topic
+        before the other's; the join's state is bounded, so predictions would
+        expire before their labels are read (or labels overflow before their
+        features). As Kafka Streams does for joins, records are held per
+        partition and released oldest first across partitions (by record
+        timestamp; features first on a tie) while every partition has one to
+        compare; a partition with nothing more to read (at its end) holds
+        nothing back, so a live stream is not delayed. A partition holding
+        ``labels.window`` records is paused until half of them are released.
+        Held records are not processed, so their offsets are neither
+        checkpointed nor committed (records produced within the same
+        millisecond have no order to go by).
+        """
+        deadline = time.monotonic() + max_wait
+        while len(self._ready) < max_size and not self._stop:
+            got = self.source.poll_batch(max_size, 0.05 if self._ready else 0.1)
+            self._ready.extend(self._release(got))
+            if not got or time.monotonic() >= deadline:
+                break
+        return [self._ready.popleft() for _ in range(min(max_size, len(self._ready)))]
+
+    def _release(self, recs: list[Record]) -> list[Record]:
+        """Hold ``recs`` per partition; release, oldest first, what no partition can still precede."""
+        assert self.spec.labels is not None
+        held = self._held
+        for rec in recs:
+            tp = (rec.topic, rec.partition)
+            if rec.offset < self._held_next.get(tp, -1):
+                continue  # fetched again (after a rebalance): already held
+            self._held_next[tp] = rec.offset + 1
+            held.setdefault(tp, deque()).append(rec)
+        labels_topic = self.spec.labels.topic
+        out: list[Record] = []
+        while True:
+            heads = []
+            for tp in self.source.assigned:
+                q = held.get(tp)
+                if q:  # features before labels on a tie: a label never waits for its own record's twin
+                    heads.append(((q[0].timestamp_ms or 0), tp[0] == labels_topic, tp))
+                elif tp not in self.source.at_eof:
+                    heads = []  # an empty partition that may still hold older records: wait for it
+                    break
+            if not heads:
+                break
+            out.append(held[min(heads)[2]].popleft())
+        cap = self.spec.labels.window
+        for tp, q in held.items():
+            if len(q) >= cap and tp not in self._paused and tp in self.source.assigned:
+                self.source.pause([tp])  # librdkafka drops what it fetched for it; resume re-fetches
+                self._paused.add(tp)
+            elif len(q) <= cap // 2 and tp in self._paused:
+                self.source.resume([tp])
+                self._paused.discard(tp)
+        return out
+
+    def _drop_held(self, tps: list[TP]) -> None:
+        """Revoked partitions: their held records are the new owner's (it reads from the commit)."""
+        gone = set(tps)
+        for tp in gone:
+            self._held.pop(tp, None)
+            self._held_next.pop(tp, None)
+            self._paused.discard(tp)
+        self._ready = deque(r for r in self._ready if (r.topic, r.partition) not in gone)
+
+    def _process_labels(self, recs: list[Record], batch: list[Record]) -> int:
+        """Delayed labels: decode, join to the waiting predictions, learn; returns the bad count."""
+        assert self.spec.labels is not None and self.spec.label is not None and self.labels_codec is not None
+        lspec = self.spec.labels
+        field_name = lspec.field or self.spec.label.field
+        keys: list[Any] = []
+        values: list[Any] = []
+        keep: list[Record] = []
+        n_bad = 0
+        for rec in recs:
+            try:
+                if rec.value is None:
+                    raise DecodeError("empty record value (tombstone)")
+                d = self.labels_codec.decode(rec.value)
+                if not isinstance(d, dict) or field_name not in d:
+                    self._dead_letter(rec, "missing_field", f"a label record needs the field {field_name!r}")
+                    n_bad += 1
+                    continue
+            except DecodeError as e:
+                self._dead_letter(rec, "decode_error", str(e))
+                n_bad += 1
+                continue
+            keys.append(rec.key if lspec.key_field is None else d.get(lspec.key_field))
+            values.append(d[field_name])
+            keep.append(rec)
+        if not keep:
+            return n_bad
+        outcome = self.learner.process_labels(keys, values, train=True)
+        self.obs.on_learn(outcome.n_learned, outcome.loss)
+        for b in outcome.bad:
+            self._dead_letter(keep[b.index], b.error_type, b.message)
+        self._write_events(outcome.events, keep, batch)
+        return n_bad + len(outcome.bad)
+
+    def _write_events(self, events: list[dict[str, Any]], recs: list[Record], batch: list[Record]) -> None:
+        """Drift / challenger events -> ``<pipeline>.events``, stamped with the record that revealed them."""
+        if not events:
+            return
+        pos = {id(r): i for i, r in enumerate(batch)}
+        for ev in events:
+            body = {k: v for k, v in ev.items() if k != "index"}
+            rec = recs[ev["index"]] if 0 <= ev.get("index", -1) < len(recs) else None
+            body.update(pipeline=self.spec.name, backend=self.spec.backend,
+                        records=self.records + (pos.get(id(rec), len(batch) - 1) + 1 if rec else len(batch)),
+                        model_version=self._version_for_batch())
+            if rec is not None:
+                body["source"] = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+            self.drift_events.append(body)
+            self.sink.produce(self.events_topic, orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                              key=self.spec.name.encode(),
+                              headers=[("event.type", str(body["type"]).encode())])
+            src = body.get("source", {})
+            if body["type"] == "drift":
+                log.warning("drift detected (%s) at %s[%s]@%s: %s %.4f -> %.4f", body["detector"], src.get("topic"),
+                            src.get("partition"), src.get("offset"), body["metric"], body["before"], body["after"])
+                hook = getattr(self.obs, "drift_detected", None)
+                if hook is not None:
+                    hook(body["detector"], records=body["records"],
+                         detail=f"{body['metric']} {body['before']:.3f} -> {body['after']:.3f}")
+            elif body["type"] == "promotion":
+                self._promotion_pending = True
+                hook = getattr(self.obs, "model_version_changed", None)
+                if hook is not None:
+                    hook(body["model_version"], reason="challenger", records=body["records"])
 
     def _dead_letter(self, rec: Record, error_type: str, message: str) -> None:
         self.bad += 1
@@ -450,11 +630,15 @@ class Pipeline:
     def _checkpoint_due(self) -> bool:
         cfg = self.spec.checkpoint
         learned = self.learner.n_learned - self._ckpt_n
+        if self._promotion_pending:  # a new champion: persist it (and announce it) now
+            return True
         return learned >= cfg.every_records or (learned > 0 and time.monotonic() - self._ckpt_t >= cfg.every_seconds)
 
     def checkpoint(self, force: bool = False) -> str | None:
         """Training: flush outputs -> write the checkpoint (fsynced) -> commit the offsets it reflects."""
         assert self.store is not None
+        force = force or self._promotion_pending
+        self._promotion_pending = False
         if not force and not self._pending and self.learner.n_learned == self._ckpt_n:
             return None
         t = time.perf_counter()
@@ -467,6 +651,7 @@ class Pipeline:
         self.checkpoints += 1
         self.last_checkpoint = info.id
         self._ckpt_n, self._ckpt_t = self.learner.n_learned, time.monotonic()
+        self.obs.checkpoint_written(time.perf_counter() - t, info.id)
         log.info("checkpoint %s: %d records learned, offsets %s (%.1f ms)", info.id, info.n_learned,
                  info.offsets, (time.perf_counter() - t) * 1000)
         if self._pending and self._commit_offsets(dict(self._positions)):
@@ -477,6 +662,8 @@ class Pipeline:
 
     def _on_revoke(self, tps: list[TP]) -> None:
         self.obs.on_rebalance("revoke", tps)
+        if self.spec.labels is not None:
+            self._drop_held(tps)
         # Persist and commit what we have for the partitions we lose, before the
         # group moves them (this runs inside poll, bounded by max.poll.interval.ms).
         try:
@@ -512,6 +699,7 @@ class Pipeline:
             ann = self._registry.publish(info.id, info.state_url, metrics=info.metrics, backend=self.spec.backend,
                                          spec_hash=self.spec.spec_hash())
             self.store.mark_promoted(info.id, ann.version)
+            self.obs.model_version_changed(ann.version, reason="promote")
         except (ModelVersionError, CheckpointError) as e:  # the checkpoint stands; the announcement can be redone
             log.error("could not announce checkpoint %s as a model version: %s", info.id, e)
 
@@ -536,6 +724,7 @@ class Pipeline:
         log.info("hot-swapped model version %s -> %s", self.model_version, ann.version)
         self.model_version = ann.version
         self.versions_seen.append(ann.version)
+        self.obs.model_version_changed(ann.version, reason="swap")
 
     # -- reporting --------------------------------------------------------
     def _lag(self) -> int | None:
