@@ -1,0 +1,745 @@
+"""The detection pipeline: frames topic -> decode -> detector -> detections topic.
+
+One detections record per frame, same key (camera id), JSON value::
+
+    {"camera": "cam0", "frame_index": 17, "capture_ts_ms": 1767312000123,
+     "width": 640, "height": 480,
+     "boxes": [[x1, y1, x2, y2], ...],   # in the SOURCE frame's pixels
+     "labels": [0, ...], "names": ["square", ...], "scores": [0.91, ...],
+     "skipped": false, "latency_ms": 38.5, "model_version": "video-tensorflow-grid",
+     "source": {"topic": "frames", "partition": 0, "offset": 17}}
+
+with the pipeline headers (``model.version``, ``source.topic``,
+``source.partition``, ``source.offset``, ``event.timestamp.ms``) plus
+``frame.index``, ``frame.ts_ms`` and ``latency.ms``. ``latency_ms`` is
+end-to-end: from the frame's capture timestamp to its detections record being
+handed to the producer.
+
+The loop, per micro-batch (``batch.max_size`` frames or ``batch.max_wait_ms``):
+
+1. **stale-frame skipping** (``max_staleness_ms``): a frame older than that
+   when its batch is taken is not decoded or detected; it gets a detections
+   record with ``"skipped": true`` and empty detections (so every frame still
+   has exactly one record and annotate/eval can tell skipped from "nothing
+   found"), is counted, and its offset is committed like any other. A
+   detector slower than the camera thus stays near real time instead of
+   growing lag without bound;
+2. **decode** in a thread pool (PIL releases the GIL; JPEGs decode at a reduced
+   DCT scale when downscaling), resized to the detector's input size;
+   undecodable frames go to ``<name>.dlq`` with ``error.type`` /
+   ``error.message`` headers;
+3. **detect** the batch, scale boxes back to each frame's size, emit;
+4. **learn** (``train.enabled``): labelled frames (``frame.truth`` header, or
+   a labels topic joined on camera + frame index) fine-tune the detector
+   after their detections went out (test-then-train).
+
+Offsets: inference commits every ``commit_interval_s`` after the detections
+and dead letters they cover are delivered (flush, then commit). Training
+commits only after a checkpoint (``CheckpointStore``: weights as safetensors,
+plus the offsets they reflect) is durable, and resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+import yaml
+from confluent_kafka import KafkaException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tensorstream.codecs import DecodeError
+from tensorstream.kafka import TP, DeliveryTimeout, KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
+from tensorstream.vision.frames import (
+    H_HEIGHT,
+    H_INDEX,
+    H_TRUTH,
+    H_TS,
+    H_WIDTH,
+    SYNTHETIC_CLASSES,
+    decode_sized,
+    headers_dict,
+    parse_truth,
+)
+from tensorstream.vision.grid import Detections, Detector
+
+log = logging.getLogger(__name__)
+
+TORCH_KINDS = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn")
+
+
+# --------------------------------------------------------------------------- spec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DetectorSpec(_Strict):
+    """Which detector, on which framework.
+
+    ``backend: tensorflow`` + ``kind: grid``: the built-in Keras grid detector
+    (``weights_path``: a user's ``.keras`` model, loaded with ``safe_mode=True``,
+    or a ``.safetensors`` state of the built-in one, e.g. a checkpoint's).
+    ``backend: torch`` + ``kind: ssdlite320_mobilenet_v3_large`` or
+    ``fasterrcnn_mobilenet_v3_large_320_fpn`` (``weights_path``: a
+    ``torch.save``'d state dict, read with ``weights_only=True``, or
+    ``.safetensors``; ``pretrained: true``: torchvision's COCO weights, online only).
+    """
+
+    backend: Literal["torch", "tensorflow"] = "tensorflow"
+    kind: str = "grid"
+    weights_path: str | None = None
+    pretrained: bool = False
+    classes: list[str] = Field(default_factory=lambda: list(SYNTHETIC_CLASSES), min_length=1)
+    #: the detector's input (width, height); frames are resized to it. An int means square.
+    input_size: tuple[int, int] = (320, 320)
+    score_threshold: float = Field(default=0.3, ge=0, le=1)
+    iou_threshold: float = Field(default=0.45, gt=0, le=1)
+    max_detections: int = Field(default=100, ge=1, le=10_000)
+    lr: float | None = Field(default=None, gt=0)  # default: 2e-3 (grid), 1e-4 (torchvision)
+    seed: int = 0
+    width: int = Field(default=32, ge=4, le=512)  # the grid detector's channel width
+    #: intra-op threads of the framework (None: its default, one per core). On a
+    #: machine whose cores are busy with other work, 1 avoids threads waiting on each other.
+    threads: int | None = Field(default=None, ge=1, le=1024)
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        return (v, v) if isinstance(v, int) else v
+
+    @model_validator(mode="after")
+    def _kind_fits_backend(self) -> DetectorSpec:
+        if self.backend == "torch" and self.kind not in TORCH_KINDS:
+            raise ValueError(f"kind {self.kind!r} is not a PyTorch detector; use one of {', '.join(TORCH_KINDS)}")
+        if self.backend == "tensorflow" and self.kind != "grid":
+            raise ValueError("the TensorFlow detector is kind: grid (a user model: weights_path: model.keras)")
+        if self.backend == "tensorflow" and self.pretrained:
+            raise ValueError("pretrained: true is for the torchvision detectors")
+        if min(self.input_size) < 32:
+            raise ValueError("input_size must be at least 32 pixels")
+        return self
+
+
+class BatchSpec(_Strict):
+    max_size: int = Field(default=8, ge=1, le=1024)
+    max_wait_ms: int = Field(default=20, ge=0, le=60_000)
+
+
+class TrainSpec(_Strict):
+    """Online fine-tuning on labelled frames (test-then-train)."""
+
+    enabled: bool = False
+    #: labels in each frame's ``frame.truth`` header, or in records of ``labels_topic``
+    #: (key = camera id, header ``frame.index``, value = the same JSON as ``frame.truth``)
+    labels_topic: str | None = None
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    steps_per_batch: int = Field(default=1, ge=1, le=100)
+    replay: int = Field(default=256, ge=1, le=1_000_000)
+    #: frames awaiting their label (or labels their frame) in a labels-topic join
+    join_window: int = Field(default=512, ge=1, le=100_000)
+    checkpoint_every_frames: int = Field(default=1000, ge=1)
+    checkpoint_every_s: float = Field(default=30.0, gt=0)
+    keep_last: int = Field(default=3, ge=1)
+    #: any fsspec URL; default ``<state_dir>/<name>/checkpoints``
+    checkpoint_url: str | None = None
+
+
+class VideoSourceSpec(_Strict):
+    topic: str = Field(min_length=1)
+    group_id: str | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    #: librdkafka ``fetch.wait.max.ms``: how long the broker may hold a fetch that
+    #: found no new frame. Kafka answers as soon as data arrives; the embedded Tansu
+    #: broker holds it the whole time, which adds up to this much latency per frame.
+    fetch_wait_ms: int = Field(default=10, ge=0, le=10_000)
+
+
+class VideoSinkSpec(_Strict):
+    topic: str = Field(min_length=1)
+
+
+class VideoSpec(_Strict):
+    """A detection pipeline (``task: detection``): YAML or Python.
+
+    >>> spec = VideoSpec.model_validate({"name": "cams", "source": {"topic": "frames"},
+    ...                                  "detector": {"backend": "torch", "kind": "ssdlite320_mobilenet_v3_large"}})
+    >>> spec.sink_topic, spec.dlq_topic, spec.group_id, spec.detector.input_size
+    ('frames.detections', 'cams.dlq', 'tensorstream.video.cams', (320, 320))
+    """
+
+    name: str = Field(default="video", pattern=r"^[A-Za-z0-9._-]+$")
+    task: Literal["detection"] = "detection"
+    source: VideoSourceSpec
+    sink: VideoSinkSpec | None = None
+    detector: DetectorSpec = Field(default_factory=DetectorSpec)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    decode_threads: int = Field(default=2, ge=1, le=64)
+    #: skip (do not detect) frames older than this when taken; None: never skip
+    max_staleness_ms: int | None = Field(default=None, ge=1)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    commit_interval_s: float = Field(default=0.5, gt=0)
+    state_dir: str = ".tensorstream"
+
+    @property
+    def sink_topic(self) -> str:
+        return self.sink.topic if self.sink else f"{self.source.topic}.detections"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.name}.dlq"
+
+    @property
+    def group_id(self) -> str:
+        return self.source.group_id or f"tensorstream.video.{self.name}"
+
+    @property
+    def checkpoint_url(self) -> str:
+        return self.train.checkpoint_url or str(Path(self.state_dir) / self.name / "checkpoints")
+
+    def spec_hash(self) -> str:
+        """What a checkpoint must match: the detector's architecture and classes."""
+        d = self.detector
+        part = {"backend": d.backend, "kind": d.kind, "classes": d.classes, "input_size": d.input_size,
+                "width": d.width}
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class VideoSpecError(ValueError):
+    """A video spec that does not validate; the message names each bad field."""
+
+
+def parse_video_spec(data: Any, origin: str = "") -> VideoSpec:
+    if not isinstance(data, dict):
+        raise VideoSpecError(f"invalid video spec {origin}: the top level must be a mapping")
+    try:
+        return VideoSpec.model_validate(data)
+    except ValidationError as err:
+        lines = [f"invalid video spec {origin}:"]
+        lines += [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()]
+        raise VideoSpecError("\n".join(lines)) from None
+
+
+def load_video_spec(path: str | Path) -> VideoSpec:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise VideoSpecError(f"video spec not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise VideoSpecError(f"invalid YAML in {path}: {err}") from None
+    return parse_video_spec(data, f"({path})")
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def build_detector(d: DetectorSpec) -> Detector:
+    """The detector a spec names (imports its framework now, not before)."""
+    common = dict(input_size=tuple(d.input_size), class_names=d.classes, score_threshold=d.score_threshold,
+                  max_detections=d.max_detections, seed=d.seed)
+    if d.backend == "torch":
+        import torch
+
+        from tensorstream.vision.models_torch import build_torch_detector
+
+        if d.threads:
+            torch.set_num_threads(d.threads)
+
+        return build_torch_detector(kind=d.kind, weights_path=d.weights_path, pretrained=d.pretrained,
+                                    lr=d.lr or 1e-4, **common)
+    from tensorstream.vision.models_tf import build_keras_detector, set_threads
+
+    if d.threads:
+        set_threads(d.threads)
+    keras_path = d.weights_path if d.weights_path and d.weights_path.endswith(".keras") else None
+    det = build_keras_detector(kind=d.kind, keras_path=keras_path, lr=d.lr or 2e-3, iou_threshold=d.iou_threshold,
+                               width=d.width, **common)
+    if d.weights_path and not keras_path:
+        from tensorstream.checkpoint import load_state
+
+        state, _ = load_state(d.weights_path)
+        det.load_state_dict(state)
+    return det
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class VideoProgress:
+    frames: int
+    fps: float
+    skipped: int
+    bad: int
+    latency_p50_ms: float | None
+    n_learned: int
+    loss: float | None
+    elapsed_s: float
+
+
+@dataclass
+class VideoResult:
+    frames: int  # frame records consumed (decoded, skipped or bad)
+    detections: int  # detections records emitted (skipped frames included)
+    skipped: int
+    bad: int
+    seconds: float
+    fps: float  # frames per second, from the first frame on (group join excluded)
+    latency_p50_ms: float | None  # capture -> detections, frames detected (not skipped)
+    latency_p99_ms: float | None
+    model_version: str
+    n_learned: int = 0
+    train_steps: int = 0
+    loss: float | None = None
+    checkpoints: int = 0
+    last_checkpoint: str | None = None
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("latencies_ms")
+        return d
+
+
+def _capture_ts(rec: Record, h: dict[str, bytes]) -> int | None:
+    raw = h.get(H_TS)
+    if raw is not None:
+        try:
+            return int(raw)
+        except ValueError:
+            pass
+    return rec.timestamp_ms
+
+
+def _int_header(h: dict[str, bytes] | None, name: str) -> int | None:
+    try:
+        return int(h[name]) if h else None
+    except (KeyError, ValueError):
+        return None
+
+
+def _frame_index(rec: Record, h: dict[str, bytes]) -> int:
+    try:
+        return int(h[H_INDEX])
+    except (KeyError, ValueError):
+        return rec.offset  # no index header: the offset is the best stable id
+
+
+class DetectionPipeline:
+    """A :class:`VideoSpec` running against a broker.
+
+    ``run()`` processes micro-batches until ``max_frames`` frames, ``until_end``
+    (every assigned partition read to its end), ``timeout`` seconds,
+    ``idle_timeout`` seconds without data, or ``stop()``; then it checkpoints
+    (training) or commits, and closes. ``detector`` may be passed in (tests,
+    benchmarks) instead of built from the spec.
+    """
+
+    def __init__(self, spec: VideoSpec, kafka: KafkaConfig, *, detector: Detector | None = None,
+                 on_progress: Callable[[VideoProgress], None] | None = None):
+        self.spec = spec
+        self.kafka = kafka
+        self.on_progress = on_progress
+        self.detector = detector if detector is not None else build_detector(spec.detector)
+        self.input_size = tuple(self.detector.input_size)
+        self.class_names = list(self.detector.class_names)
+        self._stop = False
+        self.frames = self.emitted = self.skipped = self.bad = self.bad_labels = 0
+        self._latencies: list[float] = []
+        self._positions: dict[TP, int] = {}
+        self._pending: dict[TP, int] = {}
+        self._t_first: float | None = None
+        self.model_version = self._initial_version()
+        self.trainer = None
+        self.store = None
+        self.checkpoints = 0
+        self.last_checkpoint: str | None = None
+        self._start_offsets: dict[TP, int] = {}
+        # labels-topic join: (camera, frame index) -> waiting frame image / waiting truth
+        self._frames_waiting: OrderedDict[tuple[bytes | None, int], tuple[np.ndarray, float, float]] = OrderedDict()
+        self._labels_waiting: OrderedDict[tuple[bytes | None, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        if spec.train.enabled:
+            from tensorstream.checkpoint import CheckpointStore
+            from tensorstream.vision.train import OnlineTrainer
+
+            t = spec.train
+            self.trainer = OnlineTrainer(self.detector, batch_size=t.batch_size, steps_per_batch=t.steps_per_batch,
+                                         replay=t.replay, seed=spec.detector.seed)
+            self.store = CheckpointStore(spec.checkpoint_url, keep_last=t.keep_last)
+            self._restore()
+        self._ckpt_n = self.trainer.n_learned if self.trainer else 0
+        self._ckpt_t = time.monotonic()
+
+    def _initial_version(self) -> str:
+        d = self.spec.detector
+        base = f"{self.spec.name}-{d.backend}-{d.kind}"
+        if d.weights_path:
+            return f"{base}:{Path(d.weights_path).name}"
+        return f"{base}:pretrained" if d.pretrained else base
+
+    def stop(self) -> None:
+        self._stop = True
+
+    # -- state ------------------------------------------------------------
+    def _restore(self) -> None:
+        from tensorstream.checkpoint import CheckpointError
+
+        assert self.store is not None and self.trainer is not None
+        found = self.store.latest()
+        if found is None:
+            return
+        state, info = found
+        if info.spec_hash != self.spec.spec_hash():
+            raise CheckpointError(f"checkpoint {info.id} in {self.spec.checkpoint_url} was written for another "
+                                  "detector (backend/kind/classes/input size); use another state_dir or name")
+        self.detector.load_state_dict(state)
+        self.trainer.n_learned = info.n_learned
+        self._start_offsets = dict(info.offsets)
+        self._positions = dict(info.offsets)
+        self.last_checkpoint = info.id
+        log.info("restored checkpoint %s: %d frames learned; resuming from %s", info.id, info.n_learned,
+                 info.offsets)
+
+    def checkpoint(self) -> str | None:
+        """Training: flush outputs -> write the checkpoint (fsynced) -> commit the offsets it reflects."""
+        assert self.store is not None and self.trainer is not None
+        if not self._pending and self.trainer.n_learned == self._ckpt_n:
+            return None
+        self.trainer.flush()  # learn what is queued, so the checkpoint reflects every offset it stores
+        self._flush()
+        metrics = {"loss": self.trainer.last_loss} if self.trainer.last_loss is not None else {}
+        info = self.store.save(self.detector.state_dict(), offsets=dict(self._positions),
+                               n_learned=self.trainer.n_learned, backend=self.spec.detector.backend,
+                               spec_hash=self.spec.spec_hash(), metrics=metrics, parent=self.last_checkpoint,
+                               extra={"kind": self.spec.detector.kind, "classes": self.class_names})
+        self.checkpoints += 1
+        self.last_checkpoint = info.id
+        self._ckpt_n, self._ckpt_t = self.trainer.n_learned, time.monotonic()
+        if self._pending and self._commit_offsets(dict(self._positions)):
+            self._pending = {}
+        log.info("checkpoint %s: %d frames learned", info.id, info.n_learned)
+        return info.id
+
+    def _checkpoint_due(self) -> bool:
+        assert self.trainer is not None
+        t = self.spec.train
+        learned = self.trainer.n_learned - self._ckpt_n
+        return learned >= t.checkpoint_every_frames or (
+            (learned > 0 or self._pending) and time.monotonic() - self._ckpt_t >= t.checkpoint_every_s)
+
+    # -- the loop ---------------------------------------------------------
+    def run(self, *, max_frames: int | None = None, until_end: bool = False, timeout: float | None = None,
+            idle_timeout: float | None = None) -> VideoResult:
+        spec = self.spec
+        admin = KafkaAdmin(self.kafka)
+        topics = [spec.source.topic]
+        if spec.train.enabled and spec.train.labels_topic:
+            topics.append(spec.train.labels_topic)
+        for t in (*topics, spec.sink_topic):
+            admin.ensure_topic(t)
+        self.source = KafkaSource(self.kafka, spec.group_id, topics, auto_offset_reset=spec.source.auto_offset_reset,
+                                  on_revoke=self._on_revoke,
+                                  start_offsets=self._start_offsets.get if self.trainer else None,
+                                  # frames are big: prefetch 16 MiB per partition, not librdkafka's 64 MiB
+                                  **{"queued.max.messages.kbytes": 16384,
+                                     "fetch.wait.max.ms": spec.source.fetch_wait_ms})
+        self.sink = KafkaSink(self.kafka)
+        self._pool = ThreadPoolExecutor(spec.decode_threads, thread_name_prefix="tensorstream-decode")
+        t0 = time.perf_counter()
+        last_commit = last_progress = t0
+        last_data = time.monotonic()
+        try:
+            while not self._stop:
+                batch = self._next_batch(spec.batch.max_size, spec.batch.max_wait_ms / 1000)
+                now = time.perf_counter()
+                if batch:
+                    last_data = time.monotonic()
+                    self._process(batch)
+                if self.trainer is not None:
+                    if self._checkpoint_due():
+                        self.checkpoint()
+                elif now - last_commit >= spec.commit_interval_s:
+                    self.commit()
+                    last_commit = now
+                if self.on_progress and now - last_progress >= 1.0:
+                    self.on_progress(self._progress(t0))
+                    last_progress = now
+                if max_frames is not None and self.frames >= max_frames:
+                    break
+                if timeout is not None and now - t0 > timeout:
+                    break
+                if until_end and not batch and self._at_end():
+                    break
+                if idle_timeout is not None and self.source.assigned and time.monotonic() - last_data > idle_timeout:
+                    break
+            if self.trainer is not None:
+                self.checkpoint()
+            else:
+                self.commit()
+        finally:
+            self._pool.shutdown(wait=True)
+            self.source.close()
+            self.sink.close()
+        if self.on_progress:
+            self.on_progress(self._progress(t0))
+        return self._result(t0)
+
+    def _at_end(self) -> bool:
+        return bool(self.source.assigned) and self.source.at_eof >= self.source.assigned
+
+    def _next_batch(self, max_size: int, max_wait: float) -> list[Record]:
+        batch = self.source.poll_batch(max_size, 0.1)
+        if not batch or len(batch) >= max_size or max_wait <= 0:
+            return batch
+        deadline = time.monotonic() + max_wait
+        while len(batch) < max_size and not self._stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            more = self.source.poll_batch(max_size - len(batch), min(left, 0.05))
+            batch.extend(more)
+            if not more and self._at_end():
+                break
+        return batch
+
+    def _process(self, batch: list[Record]) -> None:
+        if self._t_first is None:
+            self._t_first = time.perf_counter()
+        labels_topic = self.spec.train.labels_topic if self.trainer else None
+        now_ms = time.time() * 1000
+        staleness = self.spec.max_staleness_ms
+        todo: list[tuple[Record, dict[str, bytes], int | None, int]] = []
+        for rec in batch:
+            h = headers_dict(rec.headers)
+            if labels_topic is not None and rec.topic == labels_topic:
+                self._on_label(rec, h)
+                continue
+            self.frames += 1
+            ts = _capture_ts(rec, h)
+            idx = _frame_index(rec, h)
+            if staleness is not None and ts is not None and now_ms - ts > staleness:
+                self.skipped += 1
+                self._emit(rec, idx, ts, None, None, skipped=True, hdrs=h)
+            else:
+                todo.append((rec, h, ts, idx))
+        if todo:
+            self._detect(todo)
+        for rec in batch:
+            tp = (rec.topic, rec.partition)
+            self._positions[tp] = self._pending[tp] = rec.offset + 1
+        self.sink.poll(0)
+
+    def _decode(self, value: bytes | None) -> tuple[int, int, np.ndarray] | DecodeError:
+        try:
+            return decode_sized(value, self.input_size)  # type: ignore[arg-type]
+        except DecodeError as e:
+            return e
+
+    def _detect(self, todo: list[tuple[Record, dict[str, bytes], int | None, int]]) -> None:
+        decoded = list(self._pool.map(self._decode, [t[0].value for t in todo]))
+        ok: list[tuple[Record, dict[str, bytes], int | None, int, int, int, np.ndarray]] = []
+        for (rec, h, ts, idx), d in zip(todo, decoded, strict=True):
+            if isinstance(d, DecodeError):
+                self._dead_letter(rec, "decode_error", str(d))
+            else:
+                ok.append((rec, h, ts, idx, *d))
+        if not ok:
+            return
+        images = np.stack([o[6] for o in ok])
+        dets = self.detector.predict(images)
+        iw, ih = self.input_size
+        samples = []
+        for (rec, h, ts, idx, w, hh, img), det in zip(ok, dets, strict=True):
+            sx, sy = w / iw, hh / ih
+            self._emit(rec, idx, ts, det, (w, hh, sx, sy))
+            if self.trainer is not None:
+                samples += self._labelled(rec, h, idx, img, sx, sy)
+        if samples:
+            self.trainer.learn(samples)  # type: ignore[union-attr]
+
+    # -- labels -----------------------------------------------------------
+    def _labelled(self, rec: Record, h: dict[str, bytes], idx: int, img: np.ndarray, sx: float,
+                  sy: float) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+        """The training sample of a frame, if its truth is known (header, or already joined)."""
+        if self.spec.train.labels_topic is None:
+            raw = h.get(H_TRUTH)
+            if raw is None:
+                return []
+            try:
+                boxes, labels = parse_truth(raw)
+            except ValueError as e:
+                self._bad_label(rec, str(e))
+                return []
+            return [self._sample(img, boxes, labels, sx, sy)]
+        key = (rec.key, idx)
+        truth = self._labels_waiting.pop(key, None)
+        if truth is not None:
+            return [self._sample(img, *truth, sx, sy)]
+        self._remember(self._frames_waiting, key, (img, sx, sy))
+        return []
+
+    def _on_label(self, rec: Record, h: dict[str, bytes]) -> None:
+        try:
+            boxes, labels = parse_truth(rec.value or b"")
+            idx = int(h[H_INDEX])
+        except (ValueError, KeyError) as e:
+            self._bad_label(rec, f"label record: {e}")
+            return
+        key = (rec.key, idx)
+        frame = self._frames_waiting.pop(key, None)
+        if frame is None:
+            self._remember(self._labels_waiting, key, (boxes, labels))
+        else:
+            img, sx, sy = frame
+            self.trainer.learn([self._sample(img, boxes, labels, sx, sy)])  # type: ignore[union-attr]
+
+    def _remember(self, d: OrderedDict, key: Any, value: Any) -> None:
+        d[key] = value
+        while len(d) > self.spec.train.join_window:
+            d.popitem(last=False)
+
+    def _sample(self, img: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sx: float,
+                sy: float) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        keep = (labels >= 0) & (labels < len(self.class_names))
+        b = boxes[keep] / np.array([sx, sy, sx, sy], np.float32)
+        return img, (b.astype(np.float32), labels[keep])
+
+    def _bad_label(self, rec: Record, message: str) -> None:
+        self.bad_labels += 1
+        if self.bad_labels <= 3:
+            log.warning("%s[%d]@%d: unusable label (%s); not learned", rec.topic, rec.partition, rec.offset, message)
+
+    # -- output -----------------------------------------------------------
+    def _version(self) -> str:
+        if self.trainer is not None:
+            return f"{self.spec.name}@{self.trainer.n_learned}"
+        return self.model_version
+
+    def _emit(self, rec: Record, idx: int, ts: int | None, det: Detections | None,
+              geom: tuple[int, int, float, float] | None, skipped: bool = False,
+              hdrs: dict[str, bytes] | None = None) -> None:
+        version = self._version()
+        value: dict[str, Any] = {"camera": rec.key.decode(errors="replace") if rec.key else None,
+                                 "frame_index": idx, "capture_ts_ms": ts}
+        if det is not None and geom is not None:
+            w, h, sx, sy = geom
+            boxes = det.boxes.astype(np.float64) * [sx, sy, sx, sy]  # float64: round to clean JSON decimals
+            value.update(width=w, height=h, boxes=np.round(boxes, 1).tolist(), labels=det.labels.tolist(),
+                         names=[self._name(int(c)) for c in det.labels],
+                         scores=np.round(det.scores.astype(np.float64), 4).tolist())
+        else:
+            value.update(width=_int_header(hdrs, H_WIDTH), height=_int_header(hdrs, H_HEIGHT), boxes=[], labels=[],
+                         names=[], scores=[])
+        now_ms = time.time() * 1000
+        latency = round(now_ms - ts, 2) if ts is not None else None
+        value.update(skipped=skipped, latency_ms=latency, model_version=version,
+                     source={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset})
+        if skipped and latency is not None:
+            value["staleness_ms"] = latency
+        headers = [
+            ("model.version", version.encode()),
+            ("source.topic", rec.topic.encode()),
+            ("source.partition", str(rec.partition).encode()),
+            ("source.offset", str(rec.offset).encode()),
+            (H_INDEX, str(idx).encode()),
+        ]
+        if ts is not None:
+            headers += [(H_TS, str(ts).encode()), ("event.timestamp.ms", str(ts).encode())]
+        if latency is not None:
+            headers.append(("latency.ms", str(latency).encode()))
+            if not skipped:
+                self._latencies.append(latency)
+        if skipped:
+            headers.append(("detections.skipped", b"1"))
+        self.sink.produce(self.spec.sink_topic, orjson.dumps(value), key=rec.key, headers=headers,
+                          timestamp_ms=ts or 0)
+        self.emitted += 1
+
+    def _name(self, c: int) -> str:
+        return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
+
+    def _dead_letter(self, rec: Record, error_type: str, message: str) -> None:
+        self.bad += 1
+        self.sink.produce(self.spec.dlq_topic, rec.value, key=rec.key, headers=[
+            *(rec.headers or []),
+            ("error.type", error_type.encode()),
+            ("error.message", message.encode()[:4096]),
+            ("source.topic", rec.topic.encode()),
+            ("source.partition", str(rec.partition).encode()),
+            ("source.offset", str(rec.offset).encode()),
+        ])
+
+    # -- offsets ----------------------------------------------------------
+    def _flush(self) -> None:
+        waited = 0.0
+        while True:
+            try:
+                self.sink.flush(timeout=5.0)
+                return
+            except DeliveryTimeout:
+                waited += 5.0
+                log.warning("broker unreachable? %d record(s) waiting for delivery for %.0fs; not committing",
+                            self.sink.pending, waited)
+                if self._stop and waited >= 30:
+                    raise
+
+    def _commit_offsets(self, offsets: dict[TP, int]) -> bool:
+        try:
+            self.source.commit(offsets)
+            return True
+        except KafkaException as e:
+            log.warning("offset commit failed (%s); will retry", e.args[0].str() if e.args else e)
+            return False
+
+    def commit(self) -> None:
+        """Inference: flush outputs (delivery confirmed), then commit the offsets they cover."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        self._flush()
+        if not self._commit_offsets(pending):
+            for tp, off in pending.items():
+                self._pending.setdefault(tp, off)
+
+    def _on_revoke(self, tps: list[TP]) -> None:
+        try:
+            if self.trainer is not None:
+                self.checkpoint()
+            else:
+                self.commit()
+        except Exception:  # pragma: no cover - logged; the uncommitted window is re-processed
+            log.exception("commit on revoke failed; the uncommitted window will be re-processed")
+
+    # -- reporting --------------------------------------------------------
+    def _fps(self) -> float:
+        if self._t_first is None:
+            return 0.0
+        return self.frames / max(time.perf_counter() - self._t_first, 1e-9)
+
+    def _progress(self, t0: float) -> VideoProgress:
+        lat = self._latencies[-1000:]
+        return VideoProgress(self.frames, self._fps(), self.skipped, self.bad,
+                             float(np.percentile(lat, 50)) if lat else None,
+                             self.trainer.n_learned if self.trainer else 0,
+                             self.trainer.last_loss if self.trainer else None, time.perf_counter() - t0)
+
+    def _result(self, t0: float) -> VideoResult:
+        lat = np.asarray(self._latencies)
+        p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if len(lat) else (None, None)
+        tr = self.trainer
+        return VideoResult(self.frames, self.emitted, self.skipped, self.bad, time.perf_counter() - t0, self._fps(),
+                           p50, p99, self._version(), tr.n_learned if tr else 0, tr.steps if tr else 0,
+                           tr.last_loss if tr else None, self.checkpoints, self.last_checkpoint,
+                           list(self._latencies))
