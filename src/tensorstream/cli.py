@@ -380,8 +380,8 @@ def _run_workers(spec: Any, spec_path: Path, n: int, bootstrap: str | None, **fl
     from tensorstream.pipeline.workers import run_workers
 
     if spec.trains:
-        _fail("--workers > 1 is for mode 'infer': N trainers would learn N diverging models; distributed "
-              "training uses the frameworks' own engines (see the README)")
+        _fail("--workers > 1 is for mode 'infer': N trainers would learn N diverging models; for data-parallel "
+              "training (the frameworks' own engines) use --ranks N (docs/distributed.md)")
     with kafka_settings(_resolve_bootstrap(bootstrap, allow_embedded=True)) as cfg:
         args = [str(spec_path), "-b", cfg.bootstrap_servers]
         if flags["backend"]:

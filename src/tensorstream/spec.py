@@ -39,21 +39,104 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SchemaRegistrySpec(_Strict):
+    """A Confluent Schema Registry (Avro records carry a schema id; docs/avro.md)."""
+
+    #: ``http(s)://host:8081``, or ``mock://NAME`` (confluent-kafka's in-process mock, for tests)
+    url: str = Field(min_length=1)
+    #: client settings by confluent-kafka's names (e.g. ``ssl.ca.location``). Credentials go in
+    #: $TENSORSTREAM_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO (or ..._FILE), never in a spec file.
+    config: dict[str, str | bool | int | float] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://", "mock://")):
+            raise ValueError("must start with http://, https:// or mock://")
+        return v
+
+    @field_validator("config")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "basic.auth.user.info" in v or "bearer.auth.client.secret" in v:
+            raise ValueError("credentials do not belong in a spec file: set "
+                             "TENSORSTREAM_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO (or ..._FILE)")
+        return v
+
+    def codec_options(self) -> dict[str, Any]:
+        return {"registry": self.url, "config": dict(self.config)}
+
+
+def _check_avro_schema(schema: Any) -> None:
+    from tensorstream.codecs.avro import _parse  # fastavro: imported only for Avro specs
+
+    _parse(schema)
+
+
 class SourceSpec(_Strict):
     """Where records come from."""
 
+    # ``schema`` is a BaseModel attribute: the field is ``schema_``, spelled ``schema`` in specs.
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, serialize_by_alias=True)
+
     topic: str = Field(min_length=1)
-    codec: Literal["json", "frame"] = "json"
+    codec: Literal["json", "frame", "avro", "avro-registry"] = "json"
     group_id: str | None = None  # default: "tensorstream.<pipeline name>"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     #: field of a tensor-frame record holding the features (frame codec only)
     frame_field: str | None = None
+    #: Avro schema, inline or a ``.avsc`` path (relative to the working directory): the
+    #: writer schema for ``avro`` (required); for ``avro-registry`` an optional reader
+    #: schema that records of every registered version are resolved to
+    schema_: dict[str, Any] | str | None = Field(default=None, alias="schema")
+    #: the registry of ``codec: avro-registry``
+    schema_registry: SchemaRegistrySpec | None = None
+
+    @model_validator(mode="after")
+    def _avro_needs(self) -> SourceSpec:
+        if self.codec == "avro" and self.schema_ is None:
+            raise ValueError("codec 'avro' needs 'schema' (inline Avro schema or a .avsc path)")
+        if self.codec == "avro-registry" and self.schema_registry is None:
+            raise ValueError("codec 'avro-registry' needs 'schema_registry' (at least its url)")
+        if self.codec not in ("avro", "avro-registry") and (self.schema_ is not None or self.schema_registry):
+            raise ValueError(f"'schema' and 'schema_registry' apply to the Avro codecs, not {self.codec!r}")
+        if self.schema_ is not None:
+            _check_avro_schema(self.schema_)
+        return self
+
+    def codec_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``codecs.get_codec(self.codec, ...)``."""
+        if self.codec == "avro":
+            return {"schema": self.schema_}
+        if self.codec == "avro-registry":
+            assert self.schema_registry is not None
+            return {**self.schema_registry.codec_options(), "reader_schema": self.schema_}
+        return {}
 
 
 class SinkSpec(_Strict):
     """Where predictions go (one record per input record, same key)."""
 
     topic: str = Field(min_length=1)
+    #: ``json``, or ``avro-registry``: Avro in the Confluent wire format, with the
+    #: predictions schema (``codecs.avro.PREDICTION_SCHEMA``) registered under ``subject``
+    format: Literal["json", "avro-registry"] = "json"
+    #: default ``<topic>-value`` (the TopicNameStrategy)
+    subject: str | None = None
+    schema_registry: SchemaRegistrySpec | None = None
+
+    @model_validator(mode="after")
+    def _avro_needs(self) -> SinkSpec:
+        if self.format == "avro-registry" and self.schema_registry is None:
+            raise ValueError("format 'avro-registry' needs 'schema_registry' (at least its url)")
+        if self.format == "json" and (self.subject is not None or self.schema_registry is not None):
+            raise ValueError("'subject' and 'schema_registry' apply to format 'avro-registry'")
+        return self
+
+    def codec_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``codecs.get_codec("avro-registry", ...)`` (writer schema aside)."""
+        assert self.schema_registry is not None
+        return {**self.schema_registry.codec_options(), "subject": self.subject or f"{self.topic}-value"}
 
 
 class FeatureSpec(_Strict):
@@ -171,6 +254,122 @@ class LearnSpec(_Strict):
     #: non-linear streams and recurring concepts; the buffer is checkpointed.
     replay: int = Field(default=0, ge=0, le=65_536)
     replay_buffer: int = Field(default=1000, ge=1, le=10_000_000)
+    #: which records the buffer keeps: the last ``replay_buffer`` learned
+    #: (``recent``), or a uniform sample of all of them (``reservoir``, Vitter's
+    #: algorithm R: old concepts stay represented, for recurring drift)
+    replay_mode: Literal["recent", "reservoir"] = "recent"
+
+
+class AdwinSpec(_Strict):
+    """``river.drift.ADWIN`` parameters (River's defaults)."""
+
+    delta: float = Field(default=0.002, gt=0, lt=1)
+    clock: int = Field(default=32, ge=1)
+    max_buckets: int = Field(default=5, ge=1)
+    min_window_length: int = Field(default=5, ge=1)
+    grace_period: int = Field(default=10, ge=1)
+
+
+class PageHinkleySpec(_Strict):
+    """``river.drift.PageHinkley`` parameters (River's defaults, but ``mode: up``: an error that rises)."""
+
+    min_instances: int = Field(default=30, ge=1)
+    delta: float = Field(default=0.005, ge=0)
+    threshold: float = Field(default=50.0, gt=0)
+    alpha: float = Field(default=1 - 0.0001, gt=0, le=1)
+    mode: Literal["up", "down", "both"] = "up"
+
+
+class KswinSpec(_Strict):
+    """``river.drift.KSWIN`` parameters (River's defaults; ``seed`` fixed for reproducible runs)."""
+
+    alpha: float = Field(default=0.005, gt=0, lt=1)
+    window_size: int = Field(default=100, ge=2)
+    stat_size: int = Field(default=30, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes(self) -> KswinSpec:
+        if self.stat_size >= self.window_size:
+            raise ValueError("stat_size must be smaller than window_size")
+        return self
+
+
+class BoostSpec(_Strict):
+    """``policy: boost``: on drift, multiply the learning rate by ``factor``, decaying
+    linearly back to ``model.optimizer.lr`` over ``records`` learned records."""
+
+    factor: float = Field(default=3.0, gt=0, le=1000)
+    records: int = Field(default=500, ge=1)
+
+
+class ChallengerSpec(_Strict):
+    """``policy: challenger``: on drift, train a second model on the same records and
+    promote it when its windowed metric beats the champion's."""
+
+    #: ``fresh``: the spec's initial weights; ``clone``: the champion's weights, a fresh optimizer
+    init: Literal["fresh", "clone"] = "fresh"
+    #: both models are compared over their last ``window`` scored records ...
+    window: int = Field(default=500, ge=1)
+    #: ... once the challenger has scored at least this many
+    min_records: int = Field(default=300, ge=1)
+    #: the challenger's mean signal (error rate or loss) must be lower by at least this
+    margin: float = Field(default=0.02, ge=0)
+    #: a challenger that has not won after this many records is dropped (0: never)
+    max_records: int = Field(default=5000, ge=0)
+
+
+class DriftSpec(_Strict):
+    """Concept-drift detection on the prequential error stream, and what to do about it.
+
+    ``detector: none`` (the default) turns it off. Events go to ``<pipeline>.events``.
+    """
+
+    detector: Literal["none", "adwin", "page_hinkley", "kswin"] = "none"
+    adwin: AdwinSpec = Field(default_factory=AdwinSpec)
+    page_hinkley: PageHinkleySpec = Field(default_factory=PageHinkleySpec)
+    kswin: KswinSpec = Field(default_factory=KswinSpec)
+    #: what the detector watches per scored record: 0/1 error (absolute error for
+    #: regression) or loss (-log p(true class); squared error)
+    signal: Literal["error", "loss"] = "error"
+    #: ``up``: only a worsening is a drift (a model still learning gets better, and
+    #: detectors fire on that too); ``both``: any change
+    direction: Literal["up", "both"] = "up"
+    #: the first ``warmup`` scored records are not watched: a fresh model's loss
+    #: falls fast, and that start would weigh on the detector's reference level
+    warmup: int = Field(default=0, ge=0)
+    #: values kept to rebuild ADWIN from a checkpoint (it cannot be saved as numbers)
+    history: int = Field(default=10_000, ge=1, le=10_000_000)
+    policy: Literal["none", "boost", "reset-optimizer", "challenger"] = "none"
+    boost: BoostSpec = Field(default_factory=BoostSpec)
+    challenger: ChallengerSpec = Field(default_factory=ChallengerSpec)
+    #: empty the replay buffer on drift (its records teach the old concept)
+    clear_replay: bool = False
+
+    @model_validator(mode="after")
+    def _policy_needs_detector(self) -> DriftSpec:
+        if self.policy != "none" and self.detector == "none":
+            raise ValueError(f"policy '{self.policy}' acts on detected drifts: choose a detector")
+        return self
+
+
+class DelayedLabelsSpec(_Strict):
+    """Labels that arrive later, on a second topic, joined to the features by key.
+
+    Each features record is predicted when it arrives and waits (its features as
+    transformed then, and its prediction) for a label with the same key, for at
+    most ``window`` later features records; when the label comes, that
+    prediction is scored (delayed progressive validation) and the record is
+    learned. Unmatched features and labels are counted, never learned.
+    """
+
+    topic: str = Field(min_length=1)
+    #: the join key: the Kafka record key (``null``) or a field present in both records
+    key_field: str | None = None
+    #: the label's field in a label record (default: ``label.field``)
+    field: str | None = None
+    #: how long a prediction waits for its label (and a label for its features), in features records
+    window: int = Field(default=10_000, ge=1, le=10_000_000)
 
 
 class BatchSpec(_Strict):
@@ -219,6 +418,51 @@ class DeadLetterSpec(_Strict):
     min_records: int = Field(default=200, ge=1)
 
 
+class DistributedSpec(_Strict):
+    """Data-parallel online training on N ranks, with the framework's own engine.
+
+    Every rank runs the same spec; rank r reads the source partitions p with
+    ``p % world_size == r`` and all ranks step in lock-step, all-reducing the
+    gradients (weighted by sample counts); rank 0 writes the checkpoints. With a
+    world size of 1 (the default) nothing of this applies. ``TENSORSTREAM_RANK``,
+    ``TENSORSTREAM_WORLD_SIZE``, ``TENSORSTREAM_MASTER_ADDR``,
+    ``TENSORSTREAM_MASTER_PORT`` and ``TENSORSTREAM_WORKERS`` (comma-separated)
+    override the fields of the same name. See docs/distributed.md.
+    """
+
+    #: ``torch`` (torch.distributed + DistributedDataParallel), ``tensorflow``
+    #: (tf.distribute.MultiWorkerMirroredStrategy), ``none`` (always one process);
+    #: unset: the backend's own engine
+    engine: Literal["none", "torch", "tensorflow"] | None = None
+    #: ranks in the job; unset: $TENSORSTREAM_WORLD_SIZE, $WORLD_SIZE (torchrun), else 1
+    world_size: int | None = Field(default=None, ge=1, le=65_536)
+    #: this process' rank; unset: $TENSORSTREAM_RANK, $RANK (torchrun), else 0
+    rank: int | None = Field(default=None, ge=0)
+    #: torch: rank 0's rendezvous address and port; unset: $MASTER_ADDR / $MASTER_PORT, else 127.0.0.1:29500
+    master_addr: str | None = None
+    master_port: int | None = Field(default=None, ge=1, le=65_535)
+    #: tensorflow: ``host:port`` of every rank's collective server, in rank order (TF_CONFIG's
+    #: cluster); unset: $TF_CONFIG when set, else master_addr with ports master_port + rank
+    workers: list[str] | None = None
+    #: torch process group: ``gloo`` (CPU tensors; the torch backend runs on CPU), ``nccl`` (CUDA)
+    process_group: Literal["auto", "gloo", "nccl"] = "auto"
+    #: a collective waits this long for a missing rank, then the run fails (restart every
+    #: rank: they resume from rank 0's last checkpoint)
+    timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSpec:
+        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
+        if self.workers is not None:
+            if self.world_size is not None and len(self.workers) != self.world_size:
+                raise ValueError(f"workers lists {len(self.workers)} addresses for world_size {self.world_size}")
+            bad = [w for w in self.workers if not w.rpartition(":")[2].isdigit()]
+            if bad:
+                raise ValueError(f"workers must be host:port, got {bad}")
+        return self
+
+
 class PipelineSpec(_Strict):
     name: str = Field(default="pipeline", pattern=r"^[A-Za-z0-9._-]+$")
     backend: BackendName = "torch"
@@ -230,9 +474,15 @@ class PipelineSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     batch: BatchSpec = Field(default_factory=BatchSpec)
     learn: LearnSpec = Field(default_factory=LearnSpec)
+    #: concept drift: detector, adaptation policy (off by default)
+    drift: DriftSpec = Field(default_factory=DriftSpec)
+    #: labels on a second topic, joined by key (default: the label is in the record)
+    labels: DelayedLabelsSpec | None = None
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     versions: VersionsSpec = Field(default_factory=VersionsSpec)
     dead_letter: DeadLetterSpec = Field(default_factory=DeadLetterSpec)
+    #: data-parallel training on N ranks (docs/distributed.md); one process by default
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     #: local state (checkpoints by default)
     state_dir: str = ".tensorstream"
     #: inference: predictions and source offsets commit in one Kafka transaction.
@@ -246,6 +496,10 @@ class PipelineSpec(_Strict):
     def _mode_needs(self) -> PipelineSpec:
         if self.mode in ("train", "train+infer") and self.label is None:
             raise ValueError(f"mode '{self.mode}' needs a 'label' section")
+        if self.labels is not None and not self.trains:
+            raise ValueError("a 'labels' topic is for training: use mode 'train' or 'train+infer'")
+        if self.labels is not None and self.labels.topic == self.source.topic:
+            raise ValueError("labels.topic must differ from source.topic")
         if self.mode == "infer" and self.model.weights is None and not self.versions.watch:
             raise ValueError("mode 'infer' needs a model: set model.weights to a state file, "
                              "or versions.watch: true to take the versions announced on <name>.models")
@@ -253,6 +507,17 @@ class PipelineSpec(_Strict):
             raise ValueError("exactly_once applies to mode 'infer'; training is exactly-once through checkpoints")
         if self.mode in ("infer", "train+infer") and self.sink is None:
             raise ValueError(f"mode '{self.mode}' needs a 'sink' section (the predictions topic)")
+        return self
+
+    @model_validator(mode="after")
+    def _distributed_fits(self) -> PipelineSpec:
+        engine = self.distributed.engine
+        if engine not in (None, "none", self.backend):
+            raise ValueError(f"distributed.engine '{engine}' cannot train a {self.backend} model "
+                             f"(leave it unset to use the backend's own engine)")
+        if (self.distributed.world_size or 1) > 1 and engine != "none" and not self.trains:
+            raise ValueError("distributed training needs mode 'train' or 'train+infer'; inference scales out "
+                             "with `tensorstream run --workers N` (one consumer group)")
         return self
 
     @property

@@ -32,6 +32,13 @@ _REGISTRY = {
     "tensorflow": ("tensorstream.backends.tensorflow", "TensorflowBackend", ("tensorflow", "keras"), "tensorflow"),
 }
 BACKENDS = tuple(_REGISTRY)
+# Data-parallel variants, chosen by tensorstream.pipeline.distributed (a spec names the
+# framework, not these): same models and state names, collective train steps.
+_REGISTRY.update({
+    "torch-ddp": ("tensorstream.backends.torch_ddp", "TorchDDPBackend", ("torch",), "torch"),
+    "tensorflow-multiworker": ("tensorstream.backends.tensorflow_multiworker", "TensorflowMultiWorkerBackend",
+                               ("tensorflow", "keras"), "tensorflow"),
+})
 
 
 def make_backend(name: str) -> Backend:

@@ -40,3 +40,16 @@ class Backend(Protocol):
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore what ``get_state`` returned (same architecture)."""
+
+
+@runtime_checkable
+class LearningRateControl(Protocol):
+    """What a backend adds so drift policies can change its learning rate at runtime.
+
+    Optional (the ``boost`` drift policy needs it; both built-in backends have
+    it). The rate is not part of ``get_state``: a policy that changes it keeps
+    its own schedule in the learner's state and sets it again after a restore.
+    """
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Use ``lr`` from the next ``train_step`` on."""

@@ -106,6 +106,10 @@ class TensorflowBackend:
         self._train_cf = self._train_fn.get_concrete_function()
         self._predict_cf = self._predict_fn.get_concrete_function()
 
+    def framework_model(self) -> keras.Model:
+        """The live ``keras.Model`` (logits; no softmax), for export."""
+        return self._net
+
     @property
     def tracing_count(self) -> int:
         """Traces of the compiled train and predict steps: 2 (both traced at build), whatever the batches."""
@@ -150,6 +154,13 @@ class TensorflowBackend:
             x = np.concatenate([x, np.zeros((cap - n, x.shape[1]), np.float32)])
             y = np.concatenate([y, np.zeros(cap - n, y.dtype)])  # class 0 / target 0, masked out
         return float(self._train_cf(tf.convert_to_tensor(x), tf.convert_to_tensor(y), tf.convert_to_tensor(w)))
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Change the learning rate from the next step on (drift policies); not part of the state.
+
+        Keras keeps it in a variable that the compiled step reads: nothing is retraced.
+        """
+        self._opt.learning_rate = float(lr)
 
     # -- state -------------------------------------------------------------
 

@@ -105,6 +105,10 @@ class TorchBackend:
             self._slots = _ADAM_SLOTS
         self._steps = 0
 
+    def framework_model(self) -> nn.Module:
+        """The live ``nn.Module`` (logits; no softmax), for export: copy it before changing its mode."""
+        return self._module
+
     def _set_training(self, mode: bool) -> None:
         if self._training != mode:  # .train() walks every submodule: only on a change
             self._module.train(mode)
@@ -130,10 +134,15 @@ class TorchBackend:
         if wd := self._opt_spec.weight_decay:
             with torch.no_grad():
                 for _, p, _ in self._params:
-                    p.sub_(p * wd * self._opt_spec.lr)
+                    p.sub_(p * wd * self._opt.param_groups[0]["lr"])  # the current lr, as keras does
         self._opt.step()
         self._steps += 1
         return float(loss.detach())
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Change the learning rate from the next step on (drift policies); not part of the state."""
+        for group in self._opt.param_groups:
+            group["lr"] = float(lr)
 
     # -- state -------------------------------------------------------------
 

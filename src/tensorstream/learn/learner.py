@@ -27,7 +27,8 @@ estimate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +39,13 @@ from tensorstream.features.labels import LabelEncoder
 from tensorstream.features.records import BadRecord
 from tensorstream.features.state import from_json_array, json_array, prefixed, unprefixed
 from tensorstream.features.transform import FeaturePipeline
+from tensorstream.learn.delayed import LabelJoin, Match
+from tensorstream.learn.drift import DriftMonitor, signal_values
 from tensorstream.learn.metrics import PrequentialMetrics
+from tensorstream.learn.policies import make_policy
 from tensorstream.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +68,10 @@ class BatchOutcome:
     n_learned: int = 0
     n_scored: int = 0
     unlabelled: list[int] = field(default_factory=list)
+    #: drift / challenger events (``type``: drift, challenger_started, promotion,
+    #: challenger_dropped); ``index`` (when present) is the input record that
+    #: revealed it
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 class OnlineLearner:
@@ -87,6 +97,16 @@ class OnlineLearner:
         has that section, else 0 (off).
     replay_buffer
         Capacity of the replay buffer, in records (``None``: from the spec, else 1000).
+    backend_factory
+        Makes another, unbuilt backend of the same kind (the ``challenger``
+        drift policy trains a second model); default ``type(backend)()``.
+
+    Concept drift (spec ``drift``, :mod:`tensorstream.learn.drift`): every
+    scored record's error (or loss) feeds a drift detector; a detection is a
+    ``drift`` event in :attr:`BatchOutcome.events` and triggers the spec's
+    policy (:mod:`tensorstream.learn.policies`). Delayed labels (spec
+    ``labels``): :meth:`process_features` predicts, :meth:`process_labels`
+    scores the stored predictions and learns (:mod:`tensorstream.learn.delayed`).
     """
 
     def __init__(
@@ -97,9 +117,11 @@ class OnlineLearner:
         history_every: int = 100,
         replay: int | None = None,
         replay_buffer: int | None = None,
+        backend_factory: Callable[[], Backend] | None = None,
     ) -> None:
         self.spec = spec
         self.backend = backend
+        self.backend_factory: Callable[[], Backend] = backend_factory or type(backend)
         learn_spec = getattr(spec, "learn", None)  # forward-compatible with a `learn:` spec section
         if replay is None:
             replay = int(getattr(learn_spec, "replay", 0) or 0)
@@ -107,7 +129,8 @@ class OnlineLearner:
             replay_buffer = int(getattr(learn_spec, "replay_buffer", 1000) or 1000)
         if replay < 0 or replay_buffer < 1:
             raise ValueError("replay must be >= 0 and replay_buffer >= 1")
-        self.replay = _ReplayBuffer(replay, replay_buffer, seed=spec.model.seed)
+        self.replay = _ReplayBuffer(replay, replay_buffer, seed=spec.model.seed,
+                                    mode=str(getattr(learn_spec, "replay_mode", "recent")))
         label_field = spec.label.field if spec.label else None
         self.features = FeaturePipeline(spec.features, label_field=label_field)
         self.labels = LabelEncoder(spec.label) if spec.label else None
@@ -124,6 +147,16 @@ class OnlineLearner:
         self.n_seen = 0  # records given to process()/predict()
         self.n_bad = 0
         self.n_unlabelled = 0
+        drift_spec = getattr(spec, "drift", None)
+        if drift_spec is None:
+            from tensorstream.spec import DriftSpec
+
+            drift_spec = DriftSpec()
+        self.drift = DriftMonitor(drift_spec, self._task)
+        self.policy = make_policy(drift_spec)
+        self.generation = 0  # champions promoted so far (challenger policy)
+        labels_spec = getattr(spec, "labels", None)
+        self.join = LabelJoin(labels_spec.window) if labels_spec is not None else None
 
     # ------------------------------------------------------------- properties
 
@@ -150,6 +183,10 @@ class OnlineLearner:
             n_bad=float(self.n_bad),
             n_unlabelled=float(self.n_unlabelled),
         )
+        out.update(self.drift.snapshot())
+        out.update(self.policy.snapshot())
+        if self.join is not None:
+            out.update(self.join.snapshot())
         return out
 
     # -------------------------------------------------------------- the loop
@@ -161,8 +198,29 @@ class OnlineLearner:
             raise RuntimeError("no model yet: a spec without a 'label' section needs a checkpoint (load_state_dict)")
         n_features = self.features.n_features
         assert n_features is not None
-        self.backend.build(self.spec.model, n_features, self.spec.label.n_outputs, self.spec.label.task)
+        self.build_backend(self.backend)
         self.built = True
+
+    def build_backend(self, backend: Backend) -> None:
+        """Build ``backend`` as the champion is built (a challenger's, too)."""
+        assert self.spec.label is not None
+        n_features = self.features.n_features
+        assert n_features is not None
+        backend.build(self.spec.model, n_features, self.spec.label.n_outputs, self.spec.label.task)
+
+    def signal_of(self, y: np.ndarray, P: np.ndarray) -> np.ndarray:
+        """The drift signal (see ``learn.drift``) of predictions ``P`` (backend output) for ``y``."""
+        if self.task == "regression":
+            return signal_values(self.task, self.drift.signal, y, P[:, 0], None)
+        n_known = self.labels.n_known if self.labels else P.shape[1]
+        yhat = np.argmax(P[:, :n_known], axis=1) if n_known else np.full(len(P), -1)
+        return signal_values(self.task, self.drift.signal, y, yhat, P)
+
+    def promote(self, backend: Backend) -> None:
+        """Make ``backend`` (a built challenger) the champion; the detector starts afresh."""
+        self.backend = backend
+        self.generation += 1
+        self.drift.reset()
 
     def _predictions(self, P: np.ndarray, n_known: int) -> tuple[list[dict[str, Any]], np.ndarray]:
         """Backend output -> JSON-able predictions, plus predicted indices (or values)."""
@@ -227,26 +285,116 @@ class OnlineLearner:
         preds, yhat = self._predictions(P, n_known)
         for i, p in zip(good_idx.tolist(), preds, strict=True):
             predictions[i] = p
-        # 2. score
+        # 2. score, 3. train
         n_scored = int(labelled.sum())
-        if n_scored:
-            if self.task == "regression":
-                self.metrics.update(y, yhat[labelled])
-            else:
-                self.metrics.update(y, yhat[labelled], P[labelled])
-        # 3. train
-        loss = None
-        n_learned = 0
-        if train and n_scored:
-            xb, yb = X[labelled], y
-            rx, ry = self.replay.sample()  # drawn before this batch joins the buffer
-            self.replay.add(xb, yb)
-            if len(rx):
-                xb, yb = np.concatenate([xb, rx]), np.concatenate([yb, ry])
-            loss = float(self.backend.train_step(np.ascontiguousarray(xb), yb))
-            n_learned = n_scored
-            self.n_learned += n_learned
-        return BatchOutcome(predictions, bad, loss, n_learned, n_scored, unlabelled)
+        loss, n_learned, events = self._score_and_learn(
+            X[labelled], y, P[labelled], yhat[labelled], good_idx[labelled], train)
+        return BatchOutcome(predictions, bad, loss, n_learned, n_scored, unlabelled, events)
+
+    def _score_and_learn(self, X: np.ndarray, y: np.ndarray, P: np.ndarray, yhat: np.ndarray,
+                         where: np.ndarray, train: bool) -> tuple[float | None, int, list[dict[str, Any]]]:
+        """Score predictions made earlier (``P``/``yhat`` for ``X``) against ``y``, watch for
+        drift, then learn ``X, y``. ``where[i]``: the input record behind row ``i``."""
+        assert self.metrics is not None
+        n_scored = len(y)
+        events: list[dict[str, Any]] = []
+        if not n_scored:
+            return None, 0, events
+        if self.task == "regression":
+            self.metrics.update(y, yhat)
+        else:
+            self.metrics.update(y, yhat, P)
+        signal = np.zeros(0)
+        if self.drift.enabled:
+            signal = signal_values(self.task, self.drift.signal, y, yhat, None if self.task == "regression" else P)
+            for ev in self.drift.update(signal):
+                events.append({"type": "drift", **ev.to_dict(), "index": int(where[ev.index]),
+                               "policy": self.policy.name, "n_learned": self.n_learned})
+                log.info("drift detected by %s after %d scored records: %s %.4f -> %.4f (policy %s)",
+                         ev.detector, ev.n_seen, ev.metric, ev.before, ev.after, self.policy.name)
+                if self.drift.spec.clear_replay:
+                    self.replay.clear()
+                events += [{**e, "index": int(where[ev.index])} for e in self.policy.on_drift(self, ev)]
+        if not train:
+            return None, 0, events
+        xb, yb = X, y
+        rx, ry = self.replay.sample()  # drawn before this batch joins the buffer
+        self.replay.add(xb, yb)
+        if len(rx):
+            xb, yb = np.concatenate([xb, rx]), np.concatenate([yb, ry])
+        xb = np.ascontiguousarray(xb)
+        loss = float(self.backend.train_step(xb, yb))
+        self.n_learned += n_scored
+        if self.drift.enabled:
+            events += [{**e, "index": int(where[-1])}
+                       for e in self.policy.after_learn(self, np.ascontiguousarray(X), signal, xb, yb, n_scored)]
+        return loss, n_scored, events
+
+    # ---------------------------------------------------------- delayed labels
+
+    def process_features(self, records: Sequence[Any], keys: Sequence[Any], train: bool = True) -> BatchOutcome:
+        """Delayed labels, step 1: predict ``records`` now and keep each prediction, under
+        ``keys[i]``, for its label (a label already waiting completes it at once).
+
+        A label field in these records is ignored: labels come through
+        :meth:`process_labels`. ``unlabelled`` lists the records left waiting.
+        """
+        if self.join is None or self.labels is None or self.metrics is None:
+            raise RuntimeError("process_features() needs a spec with 'label' and 'labels' sections")
+        n = len(records)
+        self.n_seen += n
+        predictions: list[dict[str, Any] | None] = [None] * n
+        X, good_idx, bad = self.features.transform_batch(records, update=train)
+        self.n_bad += len(bad)
+        if len(X) == 0:
+            return BatchOutcome(predictions, bad)
+        self._ensure_built()
+        P = np.asarray(self.backend.predict(X))
+        preds, yhat = self._predictions(P, self.labels.n_known)
+        for i, pr in zip(good_idx.tolist(), preds, strict=True):
+            predictions[i] = pr
+        matches = self.join.add_features([keys[i] for i in good_idx.tolist()], X, P, yhat)
+        for m in matches:
+            m.index = int(good_idx[m.index])
+        loss, n_learned, events = self._learn_matches(matches, train)
+        matched = {m.index for m in matches}
+        waiting = [i for i in good_idx.tolist() if i not in matched]
+        return BatchOutcome(predictions, bad, loss, n_learned, len(matches), waiting, events)
+
+    def process_labels(self, keys: Sequence[Any], values: Sequence[Any], train: bool = True) -> BatchOutcome:
+        """Delayed labels, step 2: label values (as in records' label field) for ``keys``.
+
+        Each label that completes a waiting prediction scores *that* prediction
+        (made when the features came) and the record is learned. ``predictions``
+        is empty; ``bad`` are label values that are not valid labels.
+        """
+        if self.join is None or self.labels is None or self.metrics is None:
+            raise RuntimeError("process_labels() needs a spec with 'label' and 'labels' sections")
+        field_name = self.labels.field
+        y, good, bad = self.labels.encode_batch([{field_name: v} for v in values], update=True)
+        self.n_bad += len(bad)
+        good_list = good.tolist()
+        matches = self.join.add_labels([keys[i] for i in good_list], y)
+        for m in matches:
+            m.index = int(good_list[m.index])
+        loss, n_learned, events = self._learn_matches(matches, train)
+        return BatchOutcome([], bad, loss, n_learned, len(matches), [], events)
+
+    def _learn_matches(self, matches: list[Match], train: bool) -> tuple[float | None, int, list[dict[str, Any]]]:
+        if not matches:
+            return None, 0, []
+        if not self.built:  # restored from an unbuilt checkpoint while predictions were pending
+            self._ensure_built()
+        X = np.stack([m.x for m in matches]).astype(np.float32)
+        P = np.stack([m.p for m in matches]).astype(np.float32)
+        if self.task == "regression":
+            y = np.array([m.y for m in matches], dtype=np.float32)
+            yhat = np.array([m.yhat for m in matches], dtype=np.float64)
+        else:
+            y = np.array([m.y for m in matches], dtype=np.int64)
+            yhat = np.array([m.yhat for m in matches], dtype=np.int64)
+        where = np.array([m.index for m in matches], dtype=np.int64)
+        return self._score_and_learn(X, y, P, yhat, where, train)
 
     def predict(self, records: Sequence[Any]) -> BatchOutcome:
         """Inference only: no metric, feature-statistic, vocabulary or weight change."""
@@ -283,6 +431,10 @@ class OnlineLearner:
         if self.metrics is not None:
             state.update(prefixed("metrics", self.metrics.state_dict()))
         state.update(prefixed("replay", self.replay.state_dict()))
+        state.update(prefixed("drift", self.drift.state_dict()))
+        state.update(prefixed("policy", self.policy.state_dict()))
+        if self.join is not None:
+            state.update(prefixed("join", self.join.state_dict()))
         state["learner/n_learned"] = np.array([self.n_learned], dtype=np.int64)
         state["learner/counters"] = np.array([self.n_seen, self.n_bad, self.n_unlabelled], dtype=np.int64)
         state["learner/meta"] = json_array(
@@ -291,6 +443,7 @@ class OnlineLearner:
                 "n_features": self.features.n_features if self.built else None,
                 "n_outputs": self.spec.label.n_outputs if self.spec.label else None,
                 "task": self.task,
+                "generation": self.generation,
             }
         )
         return state
@@ -321,19 +474,33 @@ class OnlineLearner:
             self.backend.build(self.spec.model, meta["n_features"], n_outputs, meta["task"])
             self.backend.set_state(unprefixed("backend", state))
             self.built = True
+        self.generation = int(meta.get("generation", 0))
+        self.drift.load_state_dict(unprefixed("drift", state))
+        if self.join is not None:
+            self.join.load_state_dict(unprefixed("join", state))
+        self.policy.load_state_dict(self, unprefixed("policy", state))
+        self.policy.on_restore(self)
 
 
 class _ReplayBuffer:
     """The last ``capacity`` learned rows (features as transformed then) and a seeded sampler."""
 
-    def __init__(self, k: int, capacity: int, seed: int) -> None:
+    def __init__(self, k: int, capacity: int, seed: int, mode: str = "recent") -> None:
+        if mode not in ("recent", "reservoir"):
+            raise ValueError(f"replay mode must be 'recent' or 'reservoir', not {mode!r}")
         self.k = k
         self.capacity = capacity
+        self.mode = mode
         self._rng = np.random.default_rng(seed)
         self._x: np.ndarray | None = None
         self._y: np.ndarray | None = None
         self._size = 0
         self._pos = 0  # next write position (ring)
+        self._added = 0  # rows ever offered (reservoir)
+
+    def clear(self) -> None:
+        """Forget every row (e.g. on concept drift); the sampler's state goes on."""
+        self._size = self._pos = self._added = 0
 
     def __len__(self) -> int:
         return self._size
@@ -345,6 +512,18 @@ class _ReplayBuffer:
             self._x = np.zeros((self.capacity, x.shape[1]), dtype=np.float32)
             self._y = np.zeros(self.capacity, dtype=y.dtype)
         assert self._y is not None
+        if self.mode == "reservoir":  # Vitter's algorithm R: a uniform sample of every row offered
+            for xi, yi in zip(x, y, strict=True):
+                self._added += 1
+                if self._size < self.capacity:
+                    slot = self._size
+                    self._size += 1
+                else:
+                    slot = int(self._rng.integers(0, self._added))
+                    if slot >= self.capacity:
+                        continue
+                self._x[slot], self._y[slot] = xi, yi
+            return
         for xi, yi in zip(x[-self.capacity :], y[-self.capacity :], strict=True):
             self._x[self._pos], self._y[self._pos] = xi, yi
             self._pos = (self._pos + 1) % self.capacity
@@ -362,6 +541,8 @@ class _ReplayBuffer:
         if not self.k:
             return {}
         state = {"rng": json_array(self._rng.bit_generator.state), "pos": np.array([self._pos], dtype=np.int64)}
+        if self.mode == "reservoir":
+            state["added"] = np.array([self._added], dtype=np.int64)
         if self._size:
             assert self._x is not None and self._y is not None
             state["x"], state["y"] = self._x[: self._size].copy(), self._y[: self._size].copy()
@@ -382,6 +563,7 @@ class _ReplayBuffer:
             self._x[: len(x)], self._y[: len(x)] = x, y
             self._size = len(x)
             self._pos = int(np.asarray(state["pos"]).reshape(-1)[0]) % self.capacity
+        self._added = int(np.asarray(state.get("added", [self._size])).reshape(-1)[0])
 
 
 class _ConstantBackend:

@@ -1,0 +1,219 @@
+"""Run every benchmark and regenerate the README's results table.
+
+    python benchmarks/run_all.py                     # run all (about 30-40 min on 2 cores), rewrite README
+    python benchmarks/run_all.py --quick             # smaller runs (a few minutes), same table
+    python benchmarks/run_all.py --from DIR          # only re-render the table from DIR's JSON files
+    python benchmarks/run_all.py --only soak,peers --out DIR
+
+Each benchmark writes JSON to ``--out`` (default ``reports/benchmarks-<date>/``)
+and prints its own table there (``*.txt``). The README block between
+``<!-- results:begin -->`` and ``<!-- results:end -->`` is replaced with the
+headline figures, the machine (``nproc``, CPU model from /proc/cpuinfo, memory),
+the date and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+#: name -> (command after `python`, extra args for --quick)
+BENCHES: dict[str, tuple[list[str], list[str]]] = {
+    "tax": ([str(HERE / "bench_streaming_tax.py")], ["--repeats", "1", "--scale", "0.3"]),
+    "inference": ([str(HERE / "bench_inference.py")], ["--repeats", "1", "--records", "20000", "--seconds", "4"]),
+    "peers": ([str(HERE / "bench_peers.py")], ["--agrawal-records", "20000"]),
+    "soak": ([str(HERE / "bench_soak.py")], ["--records", "200000", "--every", "50000"]),
+    "bench": (["-m", "tensorstream.cli", "bench", "--demo"], ["--records", "2000"]),
+}
+
+
+def run(names: list[str], out: Path, quick: bool, extra: dict[str, list[str]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        cmd, quick_args = BENCHES[name]
+        args = [sys.executable, *cmd, *(quick_args if quick else []), *extra.get(name, [])]
+        args += ["--out", str(out / "bench-demo")] if name == "bench" else ["--json", str(out / f"{name}.json")]
+        print(f"\n$ {' '.join(shlex.quote(a) for a in args)}", flush=True)
+        t = time.perf_counter()
+        with (out / f"{name}.txt").open("w") as log:
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                    env={**__import__("os").environ, "COLUMNS": "160"})
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            if proc.wait() != 0:
+                print(f"!! {name} failed (exit {proc.returncode}); its figures are left out", flush=True)
+        print(f"[{name}: {time.perf_counter() - t:.0f}s]", flush=True)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _f(v: Any, spec: str = "{:,.0f}") -> str:
+    return "–" if v is None else spec.format(v)
+
+
+def _ok(flag: str | None) -> str:
+    return {"met": "✅ met", "MISSED": "❌ missed"}.get(flag or "", "–")
+
+
+def _verdict(rows: Any, target: float) -> str:
+    """``"≥ 0.9×: wall ❌ missed, CPU ✅ met"`` from rows with ``pipe_over_learner`` (wall) and ``_cpu`` ratios."""
+    rows = list(rows)
+    wall = all(r["pipe_over_learner"] >= target for r in rows)
+    cpu = all(r["pipe_over_learner_cpu"] >= target for r in rows)
+    return f"≥ {target}×: wall {_ok('met' if wall else 'MISSED')}, CPU {_ok('met' if cpu else 'MISSED')}"
+
+
+def render(out: Path, command: str) -> str:
+    from tensorstream.bench.machine import describe, machine_info
+
+    tax, inf, peers, soak = (_load(out / f"{n}.json") for n in ("tax", "inference", "peers", "soak"))
+    demo = _load(out / "bench-demo" / "results.json")
+    info = next((d["machine"] for d in (tax, inf, peers, soak) if d), None) or (demo or {}).get("meta") or machine_info()
+    lines = [BEGIN, "", f"Machine: {describe(info)}. Command: `{command}`. Raw output and JSON: `{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}/`.", ""]
+
+    lines += ["**Targets** (each a ratio or figure measured in the same run):", "",
+              "| benchmark | figure | torch | tensorflow | target |", "|---|---|---:|---:|---|"]
+    if tax:
+        for batch in sorted({r["batch"] for r in tax["rows"]}):
+            by = {r["backend"]: r for r in tax["rows"] if r["batch"] == batch}
+            cell = {b: (f"{r['pipe_over_learner']:.2f}× wall, {r['pipe_over_learner_cpu']:.2f}× CPU "
+                        f"({r['pipeline']:,.0f} vs {r['learner']:,.0f} rec/s); checkpoints on time only: "
+                        f"{r['pipe_ckpt_time_over_learner_cpu']:.2f}× CPU") for b, r in by.items()}
+            lines.append(f"| streaming tax, batch {batch} | pipeline / in-memory learner (online training) | "
+                         f"{cell.get('torch', '–')} | {cell.get('tensorflow', '–')} | "
+                         f"{_verdict(by.values(), tax['target']) if batch >= 32 else '–'} |")
+    if inf:
+        by = {r["backend"]: r for r in inf["throughput"]}
+        lines.append(f"| inference, batch {inf['batch']} | pipeline topic→topic / in-memory batched predict | "
+                     + " | ".join(f"{by[b]['pipe_over_learner']:.2f}× wall, {by[b]['pipe_over_learner_cpu']:.2f}× "
+                                  f"CPU ({by[b]['pipeline']:,.0f} vs {by[b]['learner']:,.0f} rec/s)"
+                                  if b in by else "–" for b in ("torch", "tensorflow"))
+                     + f" | {_verdict(by.values(), inf['target_ratio'])} |")
+        keys = list(dict.fromkeys((x["load"], round(x["rate"])) if x["load"] is None else (x["load"], None)
+                                  for rs in inf["latency"].values() for x in rs))
+        for load, fixed in keys:
+            cells, flags = [], set()
+            for b in ("torch", "tensorflow"):
+                r = next((x for x in inf["latency"].get(b, []) if x["load"] == load
+                          and (fixed is None or round(x["rate"]) == fixed)), None)
+                cells.append("–" if r is None else f"p50 {_f(r.get('p50'), '{:,.1f}')} / p99 {_f(r.get('p99'), '{:,.1f}')} ms "
+                                                   f"at {r['rate']:,.0f} rec/s")
+                if r is not None and r.get("target") in ("met", "MISSED"):
+                    flags.add(r["target"])
+            what = f"{load:.0%} of max" if load is not None else f"{fixed:,} rec/s"
+            tgt = (f"p99 ≤ {inf['target_p99_ms']:g} ms {_ok('MISSED' if 'MISSED' in flags else 'met')}"
+                   if load == 0.5 else "–")
+            lines.append(f"| inference latency, open loop, {what} | scheduled send → prediction received "
+                         f"(fetch.wait.max.ms {inf.get('fetch_wait_ms', '?')}) | {cells[0]} | {cells[1]} | {tgt} |")
+    if soak:
+        res = soak["results"]
+        for key, label, fmt, tgt_key, tgt in (
+                ("rss_growth_mb", "RSS growth (MB) after warm-up", "{:+.1f}", "target_rss", f"< {soak['target_rss_mb']:g} MB"),
+                ("rate_last_over_first", "throughput last / first interval", "{:.2f}×", "target_rate",
+                 f"≥ {soak['target_decay']}×")):
+            flags = {r[tgt_key] for r in res.values()}
+            lines.append(f"| soak, {soak['records']:,} records train+infer | {label} | "
+                         + " | ".join(_f(res[b][key], fmt) + (f" ({res[b]['final']['steady_rate']:,.0f} rec/s)"
+                                                             if key == "rss_growth_mb" else "") if b in res else "–"
+                                      for b in ("torch", "tensorflow"))
+                         + f" | {tgt} {_ok('MISSED' if 'MISSED' in flags else 'met')} |")
+    lines.append("")
+
+    if demo:
+        lines += [f"**PyTorch vs TensorFlow** (`tensorstream bench --demo`; full report with plots: "
+                  f"`{(out / 'bench-demo' / 'report.md').relative_to(ROOT) if out.is_relative_to(ROOT) else out / 'bench-demo' / 'report.md'}`):", "",
+                  "| stream | variant | train rec/s | infer rec/s | first prediction s | peak RSS MiB | accuracy | code lines |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        verb = demo.get("verbosity", {})
+        for s in demo["streams"]:
+            for row in s["variants"].values():
+                tr, inf_ = row.get("train") or {}, row.get("infer") or {}
+                if "error" in tr:
+                    lines.append(f"| {s['key']} | {row['title']} | error | | | | | |")
+                    continue
+                v = verb.get(f"{row['backend']}:{row['kind']}", {})
+                lines.append(f"| {s['key']} ({s['records']:,}) | {row['title']} | {_f(tr.get('records_per_s'))} | "
+                             f"{_f(inf_.get('records_per_s'))} | {_f(tr.get('first_prediction_s'), '{:.2f}')} | "
+                             f"{_f(tr.get('peak_rss_mb'))} | {_f(tr.get('metrics', {}).get('accuracy'), '{:.4f}')} | "
+                             f"{v.get('total', '–')} |")
+        lines.append("")
+    if peers:
+        lines += ["**Peers** (prequential accuracy, records/s, one process each):", "",
+                  "| learner | " + " | ".join(f"{k} acc. | {k} rec/s" for k in peers["streams"]) + " |",
+                  "|---|" + "---:|---:|" * len(peers["streams"])]
+        names = list(dict.fromkeys(n for rows in peers["streams"].values() for n in rows))
+        for name in names:
+            cells = []
+            for rows in peers["streams"].values():
+                runs = rows.get(name) or []
+                if not runs or any("error" in r for r in runs):
+                    cells += ["error", "–"]
+                    continue
+                rates = sorted(r["records_per_s"] for r in runs)
+                cells += [f"{runs[0]['accuracy']:.4f}", f"{rates[len(rates) // 2]:,.0f}"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        check = peers.get("deep_river_readme_example") or {}
+        if check:
+            lines += ["", "deep-river 0.3.4 ran in its own venv (river 0.25) on the project's torch "
+                      f"{info.get('versions', {}).get('torch', '')}; its README Classifier example "
+                      + ("runs there (" + check["stdout"].splitlines()[0] + ")." if check.get("ok")
+                         else "fails there: " + check.get("stderr", "").splitlines()[-1])]
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str) -> None:
+    text = readme.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    elif "RESULTS_PLACEHOLDER" in text:
+        text = text.replace("RESULTS_PLACEHOLDER", block, 1)
+    else:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} block and no RESULTS_PLACEHOLDER line to replace")
+    readme.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller runs (figures are noisier)")
+    ap.add_argument("--only", help=f"comma-separated subset of {', '.join(BENCHES)}")
+    ap.add_argument("--out", type=Path, help="results directory (default reports/benchmarks-<date>)")
+    ap.add_argument("--from", dest="from_dir", type=Path, help="do not run: render the table from this directory")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--no-readme", action="store_true", help="print the table, leave README.md alone")
+    args = ap.parse_args()
+    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
+    if args.from_dir:
+        out = args.from_dir.resolve()
+    else:
+        out = (args.out or ROOT / "reports" / f"benchmarks-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+        names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHES)
+        unknown = [n for n in names if n not in BENCHES]
+        if unknown:
+            raise SystemExit(f"unknown benchmark(s) {unknown}: choose from {', '.join(BENCHES)}")
+        run(names, out, args.quick, {})
+    block = render(out, command)
+    print("\n" + block)
+    if not args.no_readme:
+        update_readme(args.readme, block)
+        print(f"\n{args.readme} updated")
+
+
+if __name__ == "__main__":
+    main()
