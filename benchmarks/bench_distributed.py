@@ -150,7 +150,7 @@ def main() -> None:
           f"{'accuracy':>8}")
     for backend, ranks, batch, rps, ratio, wall, acc in rows:
         if ranks == "all-reduce":
-            print(f"{backend:<11} {'all-reduce':>10} {'8 x int64':>10} {rps:>9,.0f} {'round trips/s (2 processes)':>28}")
+            print(f"{backend:<11} {'all-reduce':>10} {'8 x int64':>10} {rps:>9,.0f}  round trips/s (2 processes)")
             continue
         print(f"{backend:<11} {ranks:>10} {batch:>10} {rps:>9,.0f} {ratio:>8.2f}x {wall:>7.1f} {acc:>8.4f}")
 

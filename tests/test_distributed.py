@@ -207,7 +207,8 @@ def test_feature_state_learns_from_the_union_batch_on_every_rank():
     batches = [
         [{"a": 1.0, "b": 2, "c": "x", "y": 0}, {"a": 3.0, "b": 0, "c": "y", "y": 1}],
         [],  # rank 1 has nothing this step: it still learns the layout and the statistics
-        [{"a": 5.0, "b": 1, "c": "z", "y": 1}, {"a": 2.0, "b": 1, "c": "x", "y": 0}, {"a": 0.0, "b": 4, "c": "w", "y": 1}],
+        [{"a": 5.0, "b": 1, "c": "z", "y": 1}, {"a": 2.0, "b": 1, "c": "x", "y": 0},
+         {"a": 0.0, "b": 4, "c": "w", "y": 1}],
     ]
 
     def rank(coll):

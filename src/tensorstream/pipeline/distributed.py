@@ -54,7 +54,7 @@ from confluent_kafka import OFFSET_STORED, Consumer, TopicPartition
 
 from tensorstream.features.state import from_json_array, json_array
 from tensorstream.features.transform import FeaturePipeline, ParsedBatch
-from tensorstream.kafka import TP, KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
+from tensorstream.kafka import KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
 from tensorstream.learn.metrics import PrequentialMetrics
 from tensorstream.spec import PipelineSpec
 
