@@ -104,9 +104,6 @@ class KafkaBatch:
         self._materialize()
         return iter((self._x, self._y, self._offsets))
 
-    def __len__(self) -> int:
-        return 3  # what unpacking yields, like a 3-tuple
-
     def __getitem__(self, i: int) -> Any:
         return tuple(self)[i]
 
