@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# In this environment importing triton (torch._dynamo, pulled in by any torch.optim
+# constructor) AFTER tensorflow segfaults; import it first so test order never matters.
+import torch._dynamo  # noqa: E402,F401
+
 from tensorstream.kafka import EmbeddedBroker, KafkaAdmin, KafkaConfig  # noqa: E402
 
 

@@ -38,8 +38,8 @@ def _label_key(field: str, v: Any) -> Any:
     """A hashable, by-value key for a class label (numpy scalars -> Python)."""
     if v is None:
         raise FieldError("missing_field", f"label field '{field}' is null", field)
-    if isinstance(v, np.generic):
-        v = v.item()
+    if isinstance(v, np.generic) or isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v.item()  # tensor frames carry a scalar label as a 0-d array
     if isinstance(v, float) and not math.isfinite(v):
         raise FieldError("non_finite", f"label field '{field}' is {v}", field)
     if not isinstance(v, (str, bool, int, float)):
@@ -116,7 +116,7 @@ class LabelEncoder:
         if not update:
             raise FieldError("unknown_label", f"label field '{self.field}' has an unseen class {describe(value)}", self.field)
         self._index[key] = len(self._classes)
-        self._classes.append(value.item() if isinstance(value, np.generic) else value)
+        self._classes.append(value.item() if isinstance(value, (np.generic, np.ndarray)) else value)
         return self._index[key]
 
     def encode_batch(
