@@ -122,8 +122,9 @@ def render(out: Path, command: str) -> str:
     if soak:
         res = soak["results"]
         for key, label, fmt, tgt_key, tgt in (
-                ("rss_growth_mb", "RSS growth (MB) after warm-up", "{:+.1f}", "target_rss", f"< {soak['target_rss_mb']:g} MB"),
-                ("rate_last_over_first", "throughput last / first interval", "{:.2f}×", "target_rate",
+                ("rss_growth_mb", "RSS growth (MB) after warm-up (first line → highest)", "{:+.1f}", "target_rss",
+                 f"< {soak['target_rss_mb']:g} MB"),
+                ("rate_last_over_first", "throughput, median of the last 3 / first 3 intervals", "{:.2f}×", "target_rate",
                  f"≥ {soak['target_decay']}×")):
             flags = {r[tgt_key] for r in res.values()}
             lines.append(f"| soak, {soak['records']:,} records train+infer | {label} | "
@@ -165,7 +166,7 @@ def render(out: Path, command: str) -> str:
                     continue
                 rates = sorted(r["records_per_s"] for r in runs)
                 cells += [f"{runs[0]['accuracy']:.4f}", f"{rates[len(rates) // 2]:,.0f}"]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name.replace('|', '&#124;')} | " + " | ".join(cells) + " |")
         check = peers.get("deep_river_readme_example") or {}
         if check:
             lines += ["", "deep-river 0.3.4 ran in its own venv (river 0.25) on the project's torch "
