@@ -29,8 +29,8 @@ def _import_tensorflow():
         import torch._dynamo  # noqa: F401
     except ImportError:
         pass
-    tf = pytest.importorskip("tensorflow")
-    keras = pytest.importorskip("keras")
+    import tensorflow as tf
+    import keras
     return tf, keras
 
 

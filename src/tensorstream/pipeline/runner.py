@@ -51,6 +51,7 @@ from tensorstream.kafka import (
     Record,
 )
 from tensorstream.learn import OnlineLearner
+from tensorstream.pipeline.batching import next_batch
 from tensorstream.observe.metrics import PipelineMetrics
 from tensorstream.pipeline.distributed import DistributedTrainer
 from tensorstream.pipeline.distributed import resolve as resolve_distributed
@@ -307,19 +308,7 @@ class Pipeline:
         record, or at the end of the data (so a fixed-size batching is reproducible)."""
         if self.spec.labels is not None:
             return self._next_merged(max_size, max_wait)
-        batch = self.source.poll_batch(max_size, 0.1)
-        if not batch or len(batch) >= max_size or max_wait <= 0:
-            return batch
-        deadline = time.monotonic() + max_wait
-        while len(batch) < max_size and not self._stop:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            more = self.source.poll_batch(max_size - len(batch), min(left, 0.05))
-            batch.extend(more)
-            if not more and self._at_end():
-                break
-        return batch
+        return next_batch(self.source, max_size, max_wait, lambda: self._stop)
 
     def _process(self, batch: list[Record]) -> None:
         if len(self.source.assigned) < len({(r.topic, r.partition) for r in batch} | self.source.assigned):

@@ -60,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tensorstream.codecs import DecodeError
 from tensorstream.kafka import TP, DeliveryTimeout, KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
+from tensorstream.pipeline.batching import next_batch
 from tensorstream.vision.frames import (
     H_HEIGHT,
     H_INDEX,
@@ -500,19 +501,7 @@ class DetectionPipeline:
         return bool(self.source.assigned) and self.source.at_eof >= self.source.assigned
 
     def _next_batch(self, max_size: int, max_wait: float) -> list[Record]:
-        batch = self.source.poll_batch(max_size, 0.1)
-        if not batch or len(batch) >= max_size or max_wait <= 0:
-            return batch
-        deadline = time.monotonic() + max_wait
-        while len(batch) < max_size and not self._stop:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            more = self.source.poll_batch(max_size - len(batch), min(left, 0.05))
-            batch.extend(more)
-            if not more and self._at_end():
-                break
-        return batch
+        return next_batch(self.source, max_size, max_wait, lambda: self._stop)
 
     def _process(self, batch: list[Record]) -> None:
         if self._t_first is None:
