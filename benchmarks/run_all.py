@@ -7,9 +7,10 @@
 
 Each benchmark writes JSON to ``--out`` (default ``reports/benchmarks-<date>/``)
 and prints its own table there (``*.txt``). The README block between
-``<!-- results:begin -->`` and ``<!-- results:end -->`` is replaced with the
-headline figures, the machine (``nproc``, CPU model from /proc/cpuinfo, memory),
-the date and the command.
+``<!-- results:begin -->`` and ``<!-- results:end -->`` (added at the end of the
+"Results" section on the first run) is replaced with the headline figures, the
+machine (``nproc``, CPU model from /proc/cpuinfo, memory), the date and the
+command.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def render(out: Path, command: str) -> str:
     tax, inf, peers, soak = (_load(out / f"{n}.json") for n in ("tax", "inference", "peers", "soak"))
     demo = _load(out / "bench-demo" / "results.json")
     info = next((d["machine"] for d in (tax, inf, peers, soak) if d), None) or (demo or {}).get("meta") or machine_info()
-    lines = [BEGIN, "", f"Machine: {describe(info)}. Command: `{command}`. Raw output and JSON: `{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}/`.", ""]
+    raw = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    lines = [BEGIN, "", f"Machine: {describe(info)}. Command: `{command}` (raw output and JSON in `{raw}/`, not "
+             "committed). Method, profiles and discussion: [docs/benchmarks.md](docs/benchmarks.md). Wall-clock "
+             "ratios on this shared machine move with the neighbours' load; the CPU-time ratios much less.", ""]
 
     lines += ["**Targets** (each a ratio or figure measured in the same run):", "",
               "| benchmark | figure | torch | tensorflow | target |", "|---|---|---:|---:|---|"]
@@ -185,8 +189,13 @@ def update_readme(readme: Path, block: str) -> None:
         text = head + block + rest.split(END, 1)[1]
     elif "RESULTS_PLACEHOLDER" in text:
         text = text.replace("RESULTS_PLACEHOLDER", block, 1)
+    elif "\n## Results\n" in text:  # first run: append the block at the end of the Results section
+        head, rest = text.split("\n## Results\n", 1)
+        nxt = rest.find("\n## ")
+        body, tail = (rest, "") if nxt < 0 else (rest[: nxt + 1], rest[nxt + 1 :])
+        text = head + "\n## Results\n" + body.rstrip("\n") + "\n\n" + block + "\n\n" + tail
     else:
-        raise SystemExit(f"{readme}: no {BEGIN} ... {END} block and no RESULTS_PLACEHOLDER line to replace")
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} block, no RESULTS_PLACEHOLDER and no '## Results'")
     readme.write_text(text)
 
 

@@ -269,7 +269,12 @@ class Pipeline:
                 if spec.trains and self._checkpoint_due():
                     self.checkpoint()
                 elif now - last_commit >= self.commit_interval_s:
-                    self.commit()
+                    if spec.trains:
+                        # Training commits offsets only with a durable checkpoint; meanwhile
+                        # just push the predictions out (latency), committing nothing.
+                        self.sink.poll(0)
+                    else:
+                        self.commit()
                     last_commit = now
                 if now - last_progress >= 1.0:
                     progress = self._progress(t0)  # also refreshes the metrics' gauges (lag, prequential)
