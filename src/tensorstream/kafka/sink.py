@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -117,6 +118,25 @@ class KafkaSink:
                     raise DeliveryTimeout([FailedDelivery("*", None, f"{len(self._producer)} record(s) "
                                                           f"still undelivered after {timeout:.0f}s")])
         self.raise_failures()
+
+    def flush_patiently(self, stopped: Callable[[], bool] = lambda: False, give_up_after: float = 30.0) -> None:
+        """Flush, waiting as long as records are merely queued (e.g. the broker is down).
+
+        librdkafka keeps retrying queued records, so an outage is waited out (with a
+        warning every 5 s) rather than turned into a crash; once ``stopped()`` is true
+        the wait ends after ``give_up_after`` seconds. A record that *failed* raises.
+        """
+        waited = 0.0
+        while True:
+            try:
+                self.flush(timeout=5.0)
+                return
+            except DeliveryTimeout:
+                waited += 5.0
+                log.warning("broker unreachable? %d record(s) waiting for delivery for %.0fs; not committing",
+                            self.pending, waited)
+                if stopped() and waited >= give_up_after:
+                    raise
 
     def raise_failures(self) -> None:
         if self._failures:

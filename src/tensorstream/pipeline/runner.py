@@ -43,7 +43,6 @@ from tensorstream.checkpoint.versions import ModelRegistry, ModelVersionError, M
 from tensorstream.codecs import DecodeError, get_codec
 from tensorstream.kafka import (
     TP,
-    DeliveryTimeout,
     KafkaAdmin,
     KafkaConfig,
     KafkaSink,
@@ -571,17 +570,7 @@ class Pipeline:
         them): keep waiting, log now and then, and never commit meanwhile.
         A record that *failed* delivery raises: offsets then stay where they were.
         """
-        waited = 0.0
-        while True:
-            try:
-                self.sink.flush(timeout=5.0)
-                return
-            except DeliveryTimeout:
-                waited += 5.0
-                log.warning("broker unreachable? %d record(s) waiting for delivery for %.0fs; not committing",
-                            self.sink.pending, waited)
-                if self._stop and waited >= 30:
-                    raise
+        self.sink.flush_patiently(lambda: self._stop)
 
     def _commit_offsets(self, offsets: dict[TP, int]) -> bool:
         try:

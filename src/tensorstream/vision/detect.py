@@ -59,7 +59,7 @@ from confluent_kafka import KafkaException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tensorstream.codecs import DecodeError
-from tensorstream.kafka import TP, DeliveryTimeout, KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
+from tensorstream.kafka import TP, KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
 from tensorstream.pipeline.batching import next_batch
 from tensorstream.vision.frames import (
     H_HEIGHT,
@@ -672,17 +672,7 @@ class DetectionPipeline:
 
     # -- offsets ----------------------------------------------------------
     def _flush(self) -> None:
-        waited = 0.0
-        while True:
-            try:
-                self.sink.flush(timeout=5.0)
-                return
-            except DeliveryTimeout:
-                waited += 5.0
-                log.warning("broker unreachable? %d record(s) waiting for delivery for %.0fs; not committing",
-                            self.sink.pending, waited)
-                if self._stop and waited >= 30:
-                    raise
+        self.sink.flush_patiently(lambda: self._stop)
 
     def _commit_offsets(self, offsets: dict[TP, int]) -> bool:
         try:
