@@ -31,6 +31,33 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 RECORDS = 600
 
 
+class _HoldResults(Observers):
+    """Hands the final results to the dashboard only once the test has seen the runs as running.
+
+    600 records take well under a second per backend on a fast machine, less than the page's
+    poll interval; holding the 'done' notification (the runs themselves go on) makes "the page
+    shows the runs live" a deterministic check instead of a race."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.release = threading.Event()
+        self._held: list[threading.Thread] = []
+
+    def result(self, key, payload) -> None:  # off the demo's loop: the other backend's progress keeps coming
+        def later() -> None:
+            self.release.wait(30)
+            super(_HoldResults, self).result(key, payload)
+
+        self._held.append(threading.Thread(target=later, daemon=True))
+        self._held[-1].start()
+
+    def close(self) -> None:
+        self.release.set()
+        for t in self._held:
+            t.join()
+        super().close()
+
+
 def _get(url: str) -> tuple[int, bytes, str]:
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.status, r.read(), r.headers.get("Content-Type", "")
@@ -44,7 +71,7 @@ def test_dashboard_in_a_browser_during_a_torch_vs_tensorflow_run(kafka_config, t
 
     topic = topic_factory(1, prefix="dash")
     stream = DemoStream(f"Phishing ({RECORDS})", "phishing.yaml", "river:Phishing", RECORDS, None, topic=topic)
-    views = Observers(dashboard=True, title="tensorstream test")
+    views = _HoldResults(dashboard=True, title="tensorstream test")
     results: dict = {}
     demo = threading.Thread(target=lambda: results.update(run_demo(
         kafka_config, Console(quiet=True), streams=(stream,), observers=views)), daemon=True)
@@ -76,7 +103,11 @@ def test_dashboard_in_a_browser_during_a_torch_vs_tensorflow_run(kafka_config, t
                 "() => Object.values(window.tsDashboard.pointsOf('accuracy')).filter(n => n > 0).length >= 2",
                 timeout=50_000)
             live = page.evaluate("window.tsDashboard.pointsOf('accuracy')")
+            page.wait_for_function(
+                "() => document.querySelectorAll('table.runs tbody td.status-running').length === 2",
+                timeout=30_000)
             live_status = page.locator("table.runs tbody td:nth-child(2)").all_inner_texts()
+            views.release.set()
             demo.join(60)
             assert not demo.is_alive() and len(results) == 2, results
             # ... and it follows them to the end (the table says so).
