@@ -4,8 +4,8 @@
 
 Records: River's Agrawal generator (seed 42), produced to the embedded broker
 first; then the ``agrawal_drift`` example spec (``train+infer``: test-then-train
-and one prediction per record to the predictions topic, checkpoints every
-5,000 records, ``model.threads: 1``) reads them all, each backend in its own
+and one prediction per record to the predictions topic, spec-default
+checkpoints, ``model.threads: 1``) reads them all, each backend in its own
 process. A line is printed about every ``--every`` records: records/s over the
 last interval and the pipeline process's RSS (plus the broker's, for
 information: it holds every record in memory).

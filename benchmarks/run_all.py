@@ -63,7 +63,7 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def _f(v: Any, spec: str = "{:,.0f}") -> str:
-    return "–" if v is None else spec.format(v)
+    return "–" if v is None or v != v else spec.format(v)  # v != v: NaN (e.g. p99 with records never received)
 
 
 def _ok(flag: str | None) -> str:
@@ -207,8 +207,9 @@ def main() -> None:
     ap.add_argument("--from", dest="from_dir", type=Path, help="do not run: render the table from this directory")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     ap.add_argument("--no-readme", action="store_true", help="print the table, leave README.md alone")
+    ap.add_argument("--command", help="the command to credit in the table (a directory assembled from several runs)")
     args = ap.parse_args()
-    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
+    command = args.command or "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
     if args.from_dir:
         out = args.from_dir.resolve()
     else:

@@ -97,6 +97,25 @@ def test_failed_delivery_is_reported_message_too_large(kafka_config, topic_facto
     assert sink.delivered == 1
 
 
+def test_produce_many_delivers_and_reports_failures(kafka_config, topic_factory, group_id):
+    topic = topic_factory(1)
+    sink = KafkaSink(kafka_config)
+    ok = [(f"v{i}".encode(), f"k{i}".encode(), [("h", str(i).encode())], 1_700_000_000_000 + i) for i in range(50)]
+    assert sink.produce_many(topic, ok) == 50
+    sink.flush()
+    assert (sink.produced, sink.delivered, sink.pending) == (50, 50, 0)
+    sink.produce_many(topic, [(b"x" * 3_000_000, None, None, 0), (b"last", None, None, 0)])
+    with pytest.raises(DeliveryError) as ei:
+        sink.flush()
+    assert "too large" in str(ei.value).lower() and sink.delivered == 51
+    sink.close()
+    with KafkaSource(kafka_config, group_id, [topic]) as src:
+        got = drain(src, 51)
+    assert [r.value for r in got] == [v for v, *_ in ok] + [b"last"]
+    assert [r.key for r in got[:50]] == [k for _, k, *_ in ok]
+    assert got[7].headers == [("h", b"7")] and got[7].timestamp_ms == 1_700_000_000_007
+
+
 def test_failed_delivery_is_reported_invalid_topic(kafka_config):
     sink = KafkaSink(kafka_config, **{"message.timeout.ms": 3000})
     sink.produce("no such topic!", b"v")  # illegal name: cannot exist
@@ -130,3 +149,29 @@ def test_pause_and_resume(kafka_config, topic_factory, group_id):
         assert drain(src, None, timeout=2, idle=1) == []
         src.resume()
         assert len(drain(src, 5)) == 5
+
+
+def test_dropped_clients_are_freed_without_the_cyclic_gc(kafka_config, topic_factory, group_id):
+    """A client's callbacks must not keep their owner alive: `KafkaAdmin(cfg).ensure_topic(t)` and
+    friends would otherwise leave librdkafka handles reconnecting (and logging) until a GC pass."""
+    import gc
+    import weakref
+
+    from tensorstream.kafka import KafkaAdmin
+
+    topic = topic_factory(1)
+    gc.collect()
+    gc.disable()
+    try:
+        admin = KafkaAdmin(kafka_config)
+        admin.ensure_topic(topic)
+        sink = KafkaSink(kafka_config)
+        sink.produce(topic, b"x")
+        sink.flush()
+        src = KafkaSource(kafka_config, group_id, [topic])
+        src.poll_batch(1, 0.1)
+        refs = [weakref.ref(o) for o in (admin, sink, src)]
+        del admin, sink, src
+        assert [r() is None for r in refs] == [True, True, True]
+    finally:
+        gc.enable()

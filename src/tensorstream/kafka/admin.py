@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tensorstream.kafka.config import KafkaConfig
+from tensorstream.kafka.config import KafkaConfig, weak_callback
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class KafkaAdmin:
     @property
     def admin(self) -> AdminClient:
         if self._admin is None:
-            self._admin = AdminClient({**self.config.client_settings(), "error_cb": self._on_error})
+            self._admin = AdminClient({**self.config.client_settings(), "error_cb": weak_callback(self._on_error)})
         return self._admin
 
     def _on_error(self, err: KafkaError) -> None:

@@ -15,6 +15,7 @@ Secrets are ``SecretStr``: masked in ``repr``, logs and ``masked()``.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
@@ -125,3 +126,21 @@ class KafkaConfig(BaseModel):
         if not values.get("bootstrap_servers"):
             return None
         return cls(**values)
+
+
+def weak_callback(method: Any) -> Any:
+    """``method`` as a librdkafka client callback that does not keep its owner alive.
+
+    A client holding ``self._on_error`` and held by ``self`` is a reference cycle:
+    an owner that is dropped without ``close()`` (e.g. ``KafkaAdmin(cfg).ensure_topic(t)``)
+    then keeps its client, threads and sockets until the cyclic GC runs, and the
+    client goes on reconnecting (and logging) in the meantime.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        m = ref()
+        if m is not None:
+            m(*args)
+
+    return call

@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from tensorstream.kafka.config import KafkaConfig
+from tensorstream.kafka.config import KafkaConfig, weak_callback
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +56,24 @@ class KafkaSink:
 
     def __init__(self, config: KafkaConfig, *, transactional_id: str | None = None, **overrides: Any):
         self._settings = {
+            # defaults a KafkaConfig.extra (or an override) may change:
+            "linger.ms": 5,
             **config.client_settings(),
             # transactions need idempotence; otherwise it follows the config
             "enable.idempotence": config.idempotence or transactional_id is not None,
-            "linger.ms": 5,
+            # Only failures come back as callbacks: one Python call per *delivered* record
+            # costs more than building the record (profiled: ~3% of an inference pipeline).
+            # Delivered = produced - failed - still queued, exact after flush().
+            "delivery.report.only.error": True,
+            "on_delivery": weak_callback(self._on_delivery),  # for every record: no callback object per produce()
             **({"transactional.id": transactional_id} if transactional_id else {}),
             **overrides,
         }
         self.transactional = transactional_id is not None
         self._producer: Producer | None = None
         self._failures: list[FailedDelivery] = []
-        self.delivered = 0
-        self.pending = 0
+        self.produced = 0  # queued
+        self.failed = 0  # queued, then not delivered
 
     @property
     def producer(self) -> Producer:
@@ -77,31 +83,61 @@ class KafkaSink:
                 self._producer.init_transactions(30)
         return self._producer
 
+    @property
+    def pending(self) -> int:
+        """Records queued or in flight (librdkafka's out-queue, which may count a few requests too)."""
+        return len(self._producer) if self._producer is not None else 0
+
+    @property
+    def delivered(self) -> int:
+        """Records the broker acknowledged (exact once ``flush()`` returned)."""
+        return max(0, self.produced - self.failed - self.pending)
+
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        self.pending -= 1
-        if err is None:
-            self.delivered += 1
-        else:
+        if err is not None:  # successes are not reported (delivery.report.only.error)
+            self.failed += 1
             self._failures.append(FailedDelivery(msg.topic(), msg.key(), err.str()))
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None = None,
                 headers: Headers = None, partition: int | None = None, timestamp_ms: int = 0) -> None:
         """Queue one record; a full local queue makes it wait (back-pressure), not fail."""
-        kw: dict[str, Any] = {"key": key, "headers": headers, "on_delivery": self._on_delivery,
-                              "timestamp": timestamp_ms}
+        kw: dict[str, Any] = {"key": key, "headers": headers, "timestamp": timestamp_ms}
         if partition is not None:
             kw["partition"] = partition
         p = self.producer
         while True:
             try:
                 p.produce(topic, value, **kw)
-                self.pending += 1
+                self.produced += 1
                 return
             except BufferError:
                 p.poll(0.05)  # serve delivery callbacks until there is room
-            except KafkaException as e:  # rejected before sending (e.g. message too large)
+            except KafkaException as e:  # rejected before queueing (e.g. message too large)
                 self._failures.append(FailedDelivery(topic, key, e.args[0].str()))
                 return
+
+    def produce_many(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None, Headers, int]]) -> int:
+        """Queue ``(value, key, headers, timestamp_ms)`` records as :meth:`produce` does, in one call.
+
+        The pipelines' hot path: one Python call per batch instead of per record.
+        Returns how many were queued (the others are failures, raised by ``flush()``).
+        """
+        p = self.producer
+        produce = p.produce
+        queued = 0
+        for value, key, headers, ts in records:
+            while True:
+                try:
+                    produce(topic, value, key, headers=headers, timestamp=ts)
+                    queued += 1
+                    break
+                except BufferError:
+                    p.poll(0.05)
+                except KafkaException as e:
+                    self._failures.append(FailedDelivery(topic, key, e.args[0].str()))
+                    break
+        self.produced += queued
+        return queued
 
     def poll(self, timeout: float = 0.0) -> None:
         """Serve delivery callbacks (call now and then on long produce loops)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from tensorstream.kafka.config import KafkaConfig
+from tensorstream.kafka.config import KafkaConfig, weak_callback
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class KafkaSource:
             # Notice topics created after subscribing within seconds, not librdkafka's 5 minutes.
             "topic.metadata.refresh.interval.ms": 5000,
             # Client-wide errors (TLS verification, authentication) reach only error_cb, never consume().
-            "error_cb": self._on_error,
+            "error_cb": weak_callback(self._on_error),
             **overrides,
         }
         self._client_error: KafkaError | None = None
@@ -100,8 +100,9 @@ class KafkaSource:
     def consumer(self) -> Consumer:
         if self._consumer is None:
             self._consumer = Consumer(self._settings, logger=log)
-            self._consumer.subscribe(self.topics, on_assign=self._assigned, on_revoke=self._revoked,
-                                     on_lost=self._revoked)
+            revoked = weak_callback(self._revoked)
+            self._consumer.subscribe(self.topics, on_assign=weak_callback(self._assigned), on_revoke=revoked,
+                                     on_lost=revoked)
         return self._consumer
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -7,13 +7,29 @@ from collections.abc import Callable
 
 from tensorstream.kafka import KafkaSource, Record
 
+#: how long one call waits for the first record of a batch before it returns empty
+#: (the run loop then does its housekeeping: progress, commits, stop checks)
+IDLE_POLL_S = 0.1
+
 
 def next_batch(source: KafkaSource, max_size: int, max_wait: float,
                stopped: Callable[[], bool] = lambda: False) -> list[Record]:
     """A micro-batch: closes at ``max_size`` records, ``max_wait`` seconds after its
-    first record, or at the end of the data (so fixed-size batching is reproducible)."""
-    batch = source.poll_batch(max_size, 0.1)
-    if not batch or len(batch) >= max_size or max_wait <= 0:
+    first record, or at the end of the data (so fixed-size batching is reproducible).
+
+    librdkafka's ``consume(n, timeout)`` returns only once it holds ``n`` messages
+    or the timeout expired, so the batch is gathered in three steps: what is
+    already fetched (no wait), else the first record alone (returns as soon as it
+    arrives), then top-ups bounded by ``max_wait`` from that first record.
+    """
+    batch = source.poll_batch(max_size, 0)
+    if not batch:
+        batch = source.poll_batch(1, IDLE_POLL_S)
+        if not batch:
+            return batch
+        if max_size > 1:
+            batch.extend(source.poll_batch(max_size - 1, 0))
+    if len(batch) >= max_size or max_wait <= 0:
         return batch
     deadline = time.monotonic() + max_wait
     while len(batch) < max_size and not stopped():

@@ -50,7 +50,7 @@ from tensorstream.kafka import (
     Record,
 )
 from tensorstream.learn import OnlineLearner
-from tensorstream.pipeline.batching import next_batch
+from tensorstream.pipeline.batching import IDLE_POLL_S, next_batch
 from tensorstream.observe.metrics import PipelineMetrics
 from tensorstream.pipeline.distributed import DistributedTrainer
 from tensorstream.pipeline.distributed import resolve as resolve_distributed
@@ -248,7 +248,8 @@ class Pipeline:
         self.source = KafkaSource(self.kafka, spec.group_id,
                                   [spec.source.topic, *([spec.labels.topic] if spec.labels is not None else [])],
                                   auto_offset_reset=spec.source.auto_offset_reset, on_revoke=self._on_revoke,
-                                  start_offsets=self._ckpt_offsets.get if spec.trains else None)
+                                  start_offsets=self._ckpt_offsets.get if spec.trains else None,
+                                  **_fetch_wait(spec.source.fetch_wait_ms, self.kafka))
         self.sink = KafkaSink(self.kafka, transactional_id=(
             f"tensorstream.{spec.name}.{spec.group_id}" if spec.exactly_once else None))
         self._in_txn = False
@@ -365,16 +366,32 @@ class Pipeline:
         if label_recs:
             n_bad += self._process_labels(label_recs, batch)
         self.records += len(batch)
-        for rec in batch:
+        seen: set[TP] = set()
+        n_tps = len(self.source.assigned)
+        for rec in reversed(batch):  # a partition's records arrive in order: its last one sets the position
             tp = (rec.topic, rec.partition)
+            if tp in seen:
+                continue
+            seen.add(tp)
             self._positions[tp] = self._pending[tp] = rec.offset + 1
+            if len(seen) == n_tps:
+                break
         lat = time.perf_counter() - t_in
         self.obs.on_batch(batch, lat)
-        # One latency sample per record: the time from hand-over to the prediction being queued.
-        for _ in range(len(batch)):
-            self._latencies[self._n_lat % _LATENCY_RING] = lat
-            self._n_lat += 1
+        self._note_latency(lat, len(batch))
         self._check_dead_letter_rate(len(batch), n_bad)
+
+    def _note_latency(self, seconds: float, n: int) -> None:
+        """One latency sample per record (hand-over to prediction queued), into the ring buffer."""
+        n = min(n, _LATENCY_RING)
+        start = self._n_lat % _LATENCY_RING
+        end = start + n
+        if end <= _LATENCY_RING:
+            self._latencies[start:end] = seconds
+        else:
+            self._latencies[start:] = seconds
+            self._latencies[: end - _LATENCY_RING] = seconds
+        self._n_lat += n
 
     def _version_for_batch(self) -> str:
         # A training model changes every batch: name it by what it has learned
@@ -388,25 +405,27 @@ class Pipeline:
 
     def _emit(self, recs: list[Record], predictions: list[dict[str, Any] | None], version: str) -> None:
         topic = self.spec.sink.topic  # type: ignore[union-attr]
-        vbytes = version.encode()
+        encode = (self.sink_codec.encode if self.sink_codec is not None
+                  else lambda out: orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY))
+        version_header = ("model.version", version.encode())
+        per_tp: dict[TP, tuple[tuple[str, bytes], tuple[str, bytes]]] = {}  # headers shared by a partition's records
+        out: list[tuple[bytes, bytes | None, list[tuple[str, bytes]], int]] = []
         for rec, pred in zip(recs, predictions, strict=True):
             if pred is None:
                 continue
-            out = {**pred, "model_version": version,
-                   "source": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}}
-            value = (self.sink_codec.encode(out) if self.sink_codec is not None
-                     else orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY))
-            headers = [
-                ("model.version", vbytes),
-                ("source.topic", rec.topic.encode()),
-                ("source.partition", str(rec.partition).encode()),
-                ("source.offset", str(rec.offset).encode()),
-            ]
+            value = encode({**pred, "model_version": version,
+                            "source": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}})
+            tp_headers = per_tp.get((rec.topic, rec.partition))
+            if tp_headers is None:
+                tp_headers = per_tp[(rec.topic, rec.partition)] = (
+                    ("source.topic", rec.topic.encode()), ("source.partition", str(rec.partition).encode()))
+            headers = [version_header, *tp_headers, ("source.offset", str(rec.offset).encode())]
             if rec.timestamp_ms:
                 headers.append(("event.timestamp.ms", str(rec.timestamp_ms).encode()))
-            self.sink.produce(topic, value, key=rec.key, headers=headers, timestamp_ms=rec.timestamp_ms or 0)
-            self.predictions += 1
-        self.obs.on_predictions(sum(p is not None for p in predictions))
+            out.append((value, rec.key, headers, rec.timestamp_ms or 0))
+        self.sink.produce_many(topic, out)
+        self.predictions += len(out)
+        self.obs.on_predictions(len(out))
         self.sink.poll(0)
 
     def _next_merged(self, max_size: int, max_wait: float) -> list[Record]:
@@ -427,7 +446,10 @@ class Pipeline:
         """
         deadline = time.monotonic() + max_wait
         while len(self._ready) < max_size and not self._stop:
-            got = self.source.poll_batch(max_size, 0.05 if self._ready else 0.1)
+            got = self.source.poll_batch(max_size, 0)  # what is fetched already; else wait for one record
+            if not got:
+                wait = min(0.05, max(0.0, deadline - time.monotonic())) if self._ready else IDLE_POLL_S
+                got = self.source.poll_batch(1, wait)
             self._ready.extend(self._release(got))
             if not got or time.monotonic() >= deadline:
                 break
@@ -745,6 +767,19 @@ class Pipeline:
         return RunResult(self.spec.backend, self.records, self.predictions, self.bad, el, self._rate(), p50, p99,
                          rss, self.learner.snapshot(), self.learner.history, self._version_for_batch(),
                          self.checkpoints, self.last_checkpoint, list(self.versions_seen))
+
+
+#: fetch.wait.max.ms when neither the spec nor KafkaConfig.extra sets it
+DEFAULT_FETCH_WAIT_MS = 100
+
+
+def _fetch_wait(spec_ms: int | None, kafka: KafkaConfig) -> dict[str, Any]:
+    """Consumer overrides for ``source.fetch_wait_ms`` (see :class:`~tensorstream.spec.SourceSpec`)."""
+    if spec_ms is not None:
+        return {"fetch.wait.max.ms": spec_ms}
+    if "fetch.wait.max.ms" in kafka.extra:
+        return {}
+    return {"fetch.wait.max.ms": DEFAULT_FETCH_WAIT_MS}
 
 
 def _env_key(var: str) -> bytes | None:
