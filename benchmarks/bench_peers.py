@@ -1,6 +1,6 @@
 """Peers: deep-river's Classifier and River's logistic regression beside tensorstream.
 
-    python benchmarks/bench_peers.py [--agrawal-records 100000] [--repeats 1] [--backends torch,tensorflow]
+    python benchmarks/bench_peers.py [--agrawal-records 100000] [--repeats 1] [--backends torch,tensorflow] [--batches 64]
 
 Two streams, the same records for everyone (written once to JSON-lines files):
 River's Phishing (1,250 records) and a 100,000-record Agrawal stream
@@ -12,6 +12,8 @@ River's Phishing (1,250 records) and a 100,000-record Agrawal stream
   written to a topic), steady state (group join and first batch excluded);
 - **tensorstream, in memory**: ``OnlineLearner.process`` over the same records
   in the spec's batches;
+- both again with each ``--batches`` micro-batch size (default 64): the
+  throughput/accuracy trade of batching, beside the example spec's batch;
 - **River** ``StandardScaler | LogisticRegression`` (``learn_one``/``predict_one``),
   project venv (river 0.26.1);
 - **deep-river** 0.3.4 ``Classifier`` with the same MLP as our spec (hidden
@@ -221,10 +223,12 @@ def write_streams(work: Path, agrawal_records: int) -> dict[str, Path]:
     return paths
 
 
-def _spec(stream: str, backend: str, topic: str, state_dir: str) -> Any:
+def _spec(stream: str, backend: str, topic: str, state_dir: str, batch: int | None = None) -> Any:
     from tensorstream.demo import example_spec
 
     base = example_spec("phishing.yaml" if stream == "phishing" else "agrawal_drift.yaml", backend=backend)
+    if batch is not None:
+        base = base.model_copy(update={"batch": base.batch.model_copy(update={"max_size": batch})})
     return base.model_copy(update={
         "name": f"peers-{stream}-{backend}-{uuid.uuid4().hex[:6]}", "state_dir": state_dir,
         "source": base.source.model_copy(update={"topic": topic}),
@@ -233,7 +237,8 @@ def _spec(stream: str, backend: str, topic: str, state_dir: str) -> Any:
     })
 
 
-def child_ours(backend: str, stream: str, path: str, bootstrap: str, topic: str) -> dict[str, Any]:
+def child_ours(backend: str, stream: str, path: str, bootstrap: str, topic: str,
+               batch: int | None = None) -> dict[str, Any]:
     """Our pipeline through the broker and our in-memory learner, same records, one process."""
     import orjson
 
@@ -245,9 +250,9 @@ def child_ours(backend: str, stream: str, path: str, bootstrap: str, topic: str)
     sd = tempfile.mkdtemp(prefix="tensorstream-peers-")
     records = [orjson.loads(line) for line in open(path, "rb")]
     cfg = KafkaConfig.local(bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=300)
-    pipe = TimedPipeline(_spec(stream, backend, topic, sd), cfg)
+    pipe = TimedPipeline(_spec(stream, backend, topic, sd, batch), cfg)
     res = pipe.run(until_end=True, timeout=1800)
-    spec = _spec(stream, backend, topic, sd)
+    spec = _spec(stream, backend, topic, sd, batch)
     learner = OnlineLearner(spec, make_backend(backend))
     b = spec.batch.max_size
     learner.process(records[:b])
@@ -278,6 +283,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats (accuracy is deterministic)")
     ap.add_argument("--backends", default="torch,tensorflow")
     ap.add_argument("--skip-deep-river", action="store_true")
+    ap.add_argument("--batches", default="64",
+                    help="more micro-batch sizes for our rows, beside the example spec's (comma-separated; '' for none)")
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--stream", help=argparse.SUPPRESS)
@@ -286,7 +294,7 @@ def main() -> None:
     ap.add_argument("--topic", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child_ours(args.child, args.stream, args.path, args.bootstrap, args.topic)))
+        print(json.dumps(child_ours(args.child, args.stream, args.path, args.bootstrap, args.topic, args.batch)))
         return
 
     from tensorstream.bench.machine import describe, machine_info
@@ -315,15 +323,18 @@ def main() -> None:
             produce_records(cfg, str(path), topic)
             rows: dict[str, list[dict[str, Any]]] = {}
             for _ in range(args.repeats):
-                for backend in args.backends.split(","):
-                    cmd = [sys.executable, __file__, "--child", backend, "--stream", stream, "--path", str(path),
-                           "--bootstrap", broker.bootstrap_servers, "--topic", topic]
-                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                    if proc.returncode != 0:
-                        raise SystemExit(f"{backend} child failed:\n{proc.stderr[-3000:]}")
-                    r = json.loads(proc.stdout.strip().splitlines()[-1])
-                    rows.setdefault(f"tensorstream pipeline ({backend})", []).append(r["pipeline"])
-                    rows.setdefault(f"tensorstream in memory ({backend})", []).append(r["memory"])
+                for batch in [None, *(int(b) for b in args.batches.split(",") if b.strip())]:
+                    for backend in args.backends.split(","):
+                        cmd = [sys.executable, __file__, "--child", backend, "--stream", stream, "--path", str(path),
+                               "--bootstrap", broker.bootstrap_servers, "--topic", topic,
+                               *([] if batch is None else ["--batch", str(batch)])]
+                        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                        if proc.returncode != 0:
+                            raise SystemExit(f"{backend} child failed:\n{proc.stderr[-3000:]}")
+                        r = json.loads(proc.stdout.strip().splitlines()[-1])
+                        tag = backend if batch is None else f"{backend}, batch {batch}"
+                        rows.setdefault(f"tensorstream pipeline ({tag})", []).append(r["pipeline"])
+                        rows.setdefault(f"tensorstream in memory ({tag})", []).append(r["memory"])
                 rows.setdefault("River StandardScaler | LogisticRegression", []).append(
                     _run_peer(Path(sys.executable), "river", stream, path, *shapes[stream]))
                 if dr_py is not None:
@@ -336,13 +347,16 @@ def main() -> None:
         print(f"\n{stream} ({n:,} records): prequential accuracy, records/s (median of {args.repeats}), "
               f"ratio to {base_key}")
         base = statistics.median(r["records_per_s"] for r in rows[base_key])
-        print(f"{'':<44}{'accuracy':>10}{'rec/s':>10}{'ratio':>8}")
+        dr = rows.get("deep-river Classifier (same MLP)") or []
+        dr_rate = statistics.median(r["records_per_s"] for r in dr) if dr and not any("error" in r for r in dr) else None
+        print(f"{'':<48}{'accuracy':>10}{'rec/s':>10}{'ratio':>8}{'x deep-river':>14}")
         for name, runs in rows.items():
             if any("error" in r for r in runs):
-                print(f"{name:<44}  error: {runs[0].get('error', '')[-300:]}")
+                print(f"{name:<48}  error: {runs[0].get('error', '')[-300:]}")
                 continue
             rate = statistics.median(r["records_per_s"] for r in runs)
-            print(f"{name:<44}{runs[0]['accuracy']:>10.4f}{rate:>10,.0f}{rate / base:>7.2f}x")
+            vs = f"{rate / dr_rate:>13.1f}x" if dr_rate else ""
+            print(f"{name:<48}{runs[0]['accuracy']:>10.4f}{rate:>10,.0f}{rate / base:>7.2f}x{vs}")
     for note in out["notes"]:
         print(note)
     if args.json:

@@ -110,6 +110,8 @@ class TorchBackend:
         return self._module
 
     def _set_training(self, mode: bool) -> None:
+        if self._builtin:  # Linear + activations act alike in both modes: skip the walk (~7% of a batch-1 step)
+            return
         if self._training != mode:  # .train() walks every submodule: only on a change
             self._module.train(mode)
             self._training = mode

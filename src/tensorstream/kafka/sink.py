@@ -1,8 +1,9 @@
 """Producer sink with delivery confirmation: no failed delivery goes unnoticed.
 
-Every ``produce`` registers a delivery callback; ``flush()`` waits for all of
-them and raises ``DeliveryError`` if any record was not delivered, so callers
-commit source offsets only after ``flush()`` returned. Idempotence is on by
+librdkafka reports every failed delivery to one callback (successes are not
+reported: cheaper); ``flush()`` waits until nothing is queued and raises
+``DeliveryError`` if any record was not delivered, so callers commit source
+offsets only after ``flush()`` returned. Idempotence is on by
 default (no duplicates from producer retries, order kept per partition; see
 ``KafkaConfig.idempotence``).
 
@@ -101,39 +102,29 @@ class KafkaSink:
     def produce(self, topic: str, value: bytes | None, key: bytes | None = None,
                 headers: Headers = None, partition: int | None = None, timestamp_ms: int = 0) -> None:
         """Queue one record; a full local queue makes it wait (back-pressure), not fail."""
-        kw: dict[str, Any] = {"key": key, "headers": headers, "timestamp": timestamp_ms}
-        if partition is not None:
-            kw["partition"] = partition
-        p = self.producer
-        while True:
-            try:
-                p.produce(topic, value, **kw)
-                self.produced += 1
-                return
-            except BufferError:
-                p.poll(0.05)  # serve delivery callbacks until there is room
-            except KafkaException as e:  # rejected before queueing (e.g. message too large)
-                self._failures.append(FailedDelivery(topic, key, e.args[0].str()))
-                return
+        self.produce_many(topic, ((value, key, headers, timestamp_ms),), partition)
 
-    def produce_many(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None, Headers, int]]) -> int:
+    def produce_many(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None, Headers, int]],
+                     partition: int | None = None) -> int:
         """Queue ``(value, key, headers, timestamp_ms)`` records as :meth:`produce` does, in one call.
 
         The pipelines' hot path: one Python call per batch instead of per record.
-        Returns how many were queued (the others are failures, raised by ``flush()``).
+        Returns how many were queued; a record refused before queueing (e.g. too
+        large) is a failure that ``flush()`` raises.
         """
         p = self.producer
         produce = p.produce
+        kw = {} if partition is None else {"partition": partition}
         queued = 0
         for value, key, headers, ts in records:
             while True:
                 try:
-                    produce(topic, value, key, headers=headers, timestamp=ts)
+                    produce(topic, value, key, headers=headers, timestamp=ts, **kw)
                     queued += 1
                     break
                 except BufferError:
-                    p.poll(0.05)
-                except KafkaException as e:
+                    p.poll(0.05)  # serve delivery callbacks until there is room
+                except KafkaException as e:  # rejected before queueing (e.g. message too large)
                     self._failures.append(FailedDelivery(topic, key, e.args[0].str()))
                     break
         self.produced += queued

@@ -366,16 +366,10 @@ class Pipeline:
         if label_recs:
             n_bad += self._process_labels(label_recs, batch)
         self.records += len(batch)
-        seen: set[TP] = set()
-        n_tps = len(self.source.assigned)
-        for rec in reversed(batch):  # a partition's records arrive in order: its last one sets the position
-            tp = (rec.topic, rec.partition)
-            if tp in seen:
-                continue
-            seen.add(tp)
-            self._positions[tp] = self._pending[tp] = rec.offset + 1
-            if len(seen) == n_tps:
-                break
+        # a partition's records come in offset order: its last one in the batch sets the position
+        ends = {(rec.topic, rec.partition): rec.offset + 1 for rec in batch}
+        self._positions.update(ends)
+        self._pending.update(ends)
         lat = time.perf_counter() - t_in
         self.obs.on_batch(batch, lat)
         self._note_latency(lat, len(batch))
