@@ -180,6 +180,19 @@ class KafkaSource:
         if failed:
             raise KafkaException(failed[0].error)
 
+    def try_commit(self, offsets: Mapping[TP, int]) -> bool:
+        """:meth:`commit`, but a refusal (a rebalance, a broker outage) is logged and returns False.
+
+        The offsets stay uncommitted, so those records may be processed again
+        (at-least-once), never skipped; the caller keeps them for its next try.
+        """
+        try:
+            self.commit(offsets)
+            return True
+        except KafkaException as e:
+            log.warning("offset commit failed (%s); will retry", e.args[0].str() if e.args else e)
+            return False
+
     def committed(self, tps: Iterable[TP], timeout: float = 10.0) -> dict[TP, int | None]:
         res = self.consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=timeout)
         return {(r.topic, r.partition): (None if r.offset == OFFSET_INVALID else r.offset) for r in res}

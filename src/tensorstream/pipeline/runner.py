@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import KafkaException
 from safetensors.numpy import load as st_load
 
 from tensorstream.backends import make_backend
@@ -589,16 +588,11 @@ class Pipeline:
         self.sink.flush_patiently(lambda: self._stop)
 
     def _commit_offsets(self, offsets: dict[TP, int]) -> bool:
-        try:
-            t = time.perf_counter()
-            self.source.commit(offsets)
-            self.obs.on_commit(time.perf_counter() - t)
-            return True
-        except KafkaException as e:
-            # E.g. a rebalance or a broker outage: the offsets stay uncommitted and
-            # those records may be processed again (at-least-once), never skipped.
-            log.warning("offset commit failed (%s); will retry", e.args[0].str() if e.args else e)
+        t = time.perf_counter()
+        if not self.source.try_commit(offsets):
             return False
+        self.obs.on_commit(time.perf_counter() - t)
+        return True
 
     def commit(self) -> None:
         """Inference: flush outputs (delivery confirmed), then commit the offsets they cover."""

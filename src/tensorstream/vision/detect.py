@@ -55,7 +55,6 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 import yaml
-from confluent_kafka import KafkaException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tensorstream.codecs import DecodeError
@@ -428,7 +427,7 @@ class DetectionPipeline:
         self.checkpoints += 1
         self.last_checkpoint = info.id
         self._ckpt_n, self._ckpt_t = self.trainer.n_learned, time.monotonic()
-        if self._pending and self._commit_offsets(dict(self._positions)):
+        if self._pending and self.source.try_commit(dict(self._positions)):
             self._pending = {}
         log.info("checkpoint %s: %d frames learned", info.id, info.n_learned)
         return info.id
@@ -674,21 +673,13 @@ class DetectionPipeline:
     def _flush(self) -> None:
         self.sink.flush_patiently(lambda: self._stop)
 
-    def _commit_offsets(self, offsets: dict[TP, int]) -> bool:
-        try:
-            self.source.commit(offsets)
-            return True
-        except KafkaException as e:
-            log.warning("offset commit failed (%s); will retry", e.args[0].str() if e.args else e)
-            return False
-
     def commit(self) -> None:
         """Inference: flush outputs (delivery confirmed), then commit the offsets they cover."""
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
         self._flush()
-        if not self._commit_offsets(pending):
+        if not self.source.try_commit(pending):
             for tp, off in pending.items():
                 self._pending.setdefault(tp, off)
 
