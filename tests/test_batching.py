@@ -22,6 +22,10 @@ class FakeSource:
         self.at_eof: set = set()
         self.next_offset = 0
 
+    @property
+    def at_end(self) -> bool:
+        return bool(self.assigned) and self.at_eof >= self.assigned
+
     def poll_batch(self, n: int, timeout: float) -> list[int]:
         self.calls.append((n, timeout))
         if timeout > 0 and self.arrivals:

@@ -153,6 +153,11 @@ class KafkaSource:
                 log.warning("consumer: %s", err.str())
         return out
 
+    @property
+    def at_end(self) -> bool:
+        """Every assigned partition has been read to its end (False before any assignment)."""
+        return bool(self.assigned) and self.at_eof >= self.assigned
+
     def pause(self, tps: Iterable[TP] | None = None) -> None:
         self.consumer.pause(self._tps(tps))
 

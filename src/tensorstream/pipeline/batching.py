@@ -38,6 +38,6 @@ def next_batch(source: KafkaSource, max_size: int, max_wait: float,
             break
         more = source.poll_batch(max_size - len(batch), min(left, 0.05))
         batch.extend(more)
-        if not more and source.assigned and source.at_eof >= source.assigned:
+        if not more and source.at_end:
             break
     return batch

@@ -284,7 +284,7 @@ class Pipeline:
                     break
                 if timeout is not None and now - t0 > timeout:
                     break
-                if until_end and not batch and self._at_end():
+                if until_end and not batch and self.source.at_end:
                     break
                 if idle_timeout is not None and self.source.assigned and time.monotonic() - last_data > idle_timeout:
                     break
@@ -303,9 +303,6 @@ class Pipeline:
         if self.on_progress:
             self.on_progress(progress)
         return self._result(t0)
-
-    def _at_end(self) -> bool:
-        return bool(self.source.assigned) and self.source.at_eof >= self.source.assigned
 
     def _next_batch(self, max_size: int, max_wait: float) -> list[Record]:
         """A micro-batch: closes at ``max_size`` records, ``max_wait`` after its first

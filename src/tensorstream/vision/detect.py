@@ -480,7 +480,7 @@ class DetectionPipeline:
                     break
                 if timeout is not None and now - t0 > timeout:
                     break
-                if until_end and not batch and self._at_end():
+                if until_end and not batch and self.source.at_end:
                     break
                 if idle_timeout is not None and self.source.assigned and time.monotonic() - last_data > idle_timeout:
                     break
@@ -495,9 +495,6 @@ class DetectionPipeline:
         if self.on_progress:
             self.on_progress(self._progress(t0))
         return self._result(t0)
-
-    def _at_end(self) -> bool:
-        return bool(self.source.assigned) and self.source.at_eof >= self.source.assigned
 
     def _next_batch(self, max_size: int, max_wait: float) -> list[Record]:
         return next_batch(self.source, max_size, max_wait, lambda: self._stop)
