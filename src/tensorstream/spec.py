@@ -472,7 +472,8 @@ class DistributedSpec(_Strict):
 
 
 class PipelineSpec(_Strict):
-    name: str = Field(default="pipeline", pattern=r"^[A-Za-z0-9._-]+$")
+    #: names the consumer group, the <name>.dlq/.models/.events topics and the state folder
+    name: str = Field(default="pipeline", pattern=r"^[A-Za-z0-9._-]+$", max_length=200)
     backend: BackendName = "torch"
     mode: Mode = "train+infer"
     source: SourceSpec
@@ -499,6 +500,15 @@ class PipelineSpec(_Strict):
     exactly_once: bool = False
     #: sliding window of the windowed prequential metrics, in records
     metrics_window: int = Field(default=1000, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_plain_name(cls, v: str) -> str:
+        # "." and ".." pass the character check but would put checkpoints outside state_dir
+        # (and are not valid Kafka topic names either).
+        if v.strip(".") == "":
+            raise ValueError(f"{v!r} is not a usable name: use letters, digits, '.', '_' or '-', not only dots")
+        return v
 
     @model_validator(mode="after")
     def _mode_needs(self) -> PipelineSpec:

@@ -44,6 +44,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 
 from tensorstream.codecs import DecodeError, decode_frames, get_codec
 from tensorstream.features import FeaturePipeline, LabelEncoder, ParsedBatch
+from tensorstream.features.records import FLOAT32_MAX
 from tensorstream.kafka import TP, KafkaAdmin, KafkaConfig, KafkaSink, Record
 from tensorstream.spec import FeatureSpec, LabelSpec
 
@@ -561,7 +562,8 @@ class RecordDecoder:
             if str in {type(v) for v in values}:
                 return None
             y = np.array(values, dtype=np.float64)
-            return y.astype(np.float32) if np.isfinite(y).all() else None
+            ok = np.isfinite(y).all() and (not y.size or np.abs(y).max() <= FLOAT32_MAX)
+            return y.astype(np.float32) if ok else None
         if not enc.fixed:
             return None
         if self._class_index is None:
@@ -596,8 +598,8 @@ class RecordDecoder:
         if not set(map(type, itertools.chain.from_iterable(rows))) <= _PLAIN_NUMBERS:
             return None
         numeric = np.array(rows, dtype=np.float64).reshape(len(records), len(names))
-        if not np.isfinite(numeric).all():
-            return None
+        if not np.isfinite(numeric).all() or (numeric.size and np.abs(numeric).max() > FLOAT32_MAX):
+            return None  # parse() reports them (non_finite / out_of_range)
         return ParsedBatch(numeric, [[] for _ in records], np.arange(len(records), dtype=np.int64), [])
 
     def _frames(self, messages: Sequence[Message]) -> DecodedBatch:

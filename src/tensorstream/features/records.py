@@ -24,6 +24,7 @@ ERROR_TYPES = (
     "wrong_type",  # e.g. a string where a number is needed
     "wrong_shape",  # array field / array record of another width than the layout
     "non_finite",  # NaN or +-inf
+    "out_of_range",  # finite, but beyond float32 (it would become inf in the model)
     "unknown_label",  # label outside the fixed class set
     "too_many_classes",  # growing class set is full
 )
@@ -60,6 +61,10 @@ class FieldError(ValueError):
 
 _NUMBER = (bool, int, float, np.bool_, np.integer, np.floating)
 
+#: the largest magnitude a value may have: features and targets become float32, where
+#: anything beyond this is inf (one such value would turn weights and optimizer state into NaN)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def is_number(v: Any) -> bool:
     """int/float/bool, Python or numpy scalar."""
@@ -89,7 +94,17 @@ def number(field: str, v: Any) -> float:
     f = float(v)
     if not math.isfinite(f):
         raise FieldError("non_finite", f"field '{field}' is {f} (NaN/inf not allowed)", field)
+    if abs(f) > FLOAT32_MAX:
+        raise FieldError("out_of_range", f"field '{field}' is {f:g}, beyond float32's range (|x| <= 3.4e38)", field)
     return f
+
+
+def check_range(field: str | None, arr: np.ndarray, what: str) -> None:
+    """A FieldError unless every value of the float array ``arr`` is finite and within float32's range."""
+    if not np.isfinite(arr).all():
+        raise FieldError("non_finite", f"{what} contains NaN/inf", field)
+    if arr.size and float(np.abs(arr).max()) > FLOAT32_MAX:
+        raise FieldError("out_of_range", f"{what} has a value beyond float32's range (|x| <= 3.4e38)", field)
 
 
 def category_key(field: str, v: Any) -> str:

@@ -52,6 +52,7 @@ from tensorstream.features.records import (
     BadRecord,
     FieldError,
     category_key,
+    check_range,
     describe,
     is_number,
     is_numeric_array,
@@ -396,6 +397,5 @@ def _vector(name: str, v: Any, width: int, what: str | None = None) -> np.ndarra
         raise FieldError("wrong_type", f"{what} must be a number or an array, got {describe(v)}", field_name)
     if arr.size != width:
         raise FieldError("wrong_shape", f"{what} has {arr.size} values, the layout has {width}", field_name)
-    if not np.isfinite(arr).all():
-        raise FieldError("non_finite", f"{what} contains NaN/inf", field_name)
+    check_range(field_name, arr, what)
     return arr
