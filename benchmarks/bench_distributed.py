@@ -37,7 +37,7 @@ ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
 
 
 def _spec(backend: str, topic: str, state: str, name: str, batch: int):
-    from tensorstream.demo import example_spec
+    from tensorstream.examples import example_spec
 
     base = example_spec("agrawal_drift.yaml", backend=backend)
     return base.model_copy(update={
@@ -117,7 +117,7 @@ def main() -> None:
 
     import orjson
 
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
     from tensorstream.kafka import EmbeddedBroker, KafkaAdmin, KafkaConfig, KafkaSink
 
     configs = [(1, 16), (2, 8), (2, 16)]

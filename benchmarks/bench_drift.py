@@ -64,14 +64,14 @@ def recovery(correct: np.ndarray, drift: int | None, w: int) -> tuple[float | No
 
 
 def _records(source: str, n: int) -> list[dict]:
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
 
     return [{str(k): v for k, v in r.items()} for r in open_source(source, limit=n)]
 
 
 def run_policy(stream: str, backend: str, policy: str) -> dict[str, Any]:
     from tensorstream.backends import make_backend
-    from tensorstream.demo import example_spec
+    from tensorstream.examples import example_spec
     from tensorstream.learn import OnlineLearner
     from tensorstream.spec import DriftSpec
 
@@ -113,7 +113,7 @@ def run_river_hat(stream: str) -> dict[str, Any]:
                                                  nb_threshold=10, seed=0)
     records = _records(cfg["source"], cfg["n"])
     if stream == "sea":  # River's own feature names (ints), exactly as in its docstring
-        from tensorstream.datasets import river_dataset
+        from tensorstream.data.datasets import river_dataset
 
         pairs = list(river_dataset("drift.sea").take(cfg["n"]))
     else:

@@ -54,7 +54,7 @@ TARGET_P99_MS = 10.0
 
 def _spec(backend: str, *, mode: str, topic: str, sink: str, batch: int, max_wait_ms: float,
           weights: str | None, state_dir: str) -> Any:
-    from tensorstream.demo import example_spec
+    from tensorstream.examples import example_spec
 
     base = example_spec("agrawal_drift.yaml", backend=backend)
     return base.model_copy(update={
@@ -68,7 +68,7 @@ def _spec(backend: str, *, mode: str, topic: str, sink: str, batch: int, max_wai
 
 def train_state(backend: str, path: str, state_dir: str) -> None:
     """Train in memory on the first TRAIN_RECORDS records and save the state (Pipeline.save_state)."""
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
     from tensorstream.kafka import KafkaConfig
     from tensorstream.pipeline import Pipeline
 
@@ -96,7 +96,7 @@ def child_throughput(backend: str, bootstrap: str, topic: str, n: int, batch: in
     import numpy as np
 
     from tensorstream.bench.timed import TimedPipeline
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
     from tensorstream.kafka import KafkaConfig
 
     cfg = KafkaConfig.local(bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=300)
@@ -284,9 +284,9 @@ def main() -> None:
 
     from tensorstream.bench.machine import describe, machine_info
     from tensorstream.codecs import encode_json
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
     from tensorstream.kafka import EmbeddedBroker, KafkaConfig
-    from tensorstream.produce import produce_records
+    from tensorstream.data.produce import produce_records
 
     info = machine_info()
     print(f"machine: {describe(info)}")

@@ -211,7 +211,7 @@ def readme_check(py: Path) -> dict[str, Any]:
 
 def write_streams(work: Path, agrawal_records: int) -> dict[str, Path]:
     from tensorstream.codecs import encode_json
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
 
     paths = {"phishing": work / "phishing.jsonl", "agrawal": work / f"agrawal-{agrawal_records}.jsonl"}
     sources = {"phishing": ("river:Phishing", None),
@@ -224,7 +224,7 @@ def write_streams(work: Path, agrawal_records: int) -> dict[str, Path]:
 
 
 def _spec(stream: str, backend: str, topic: str, state_dir: str, batch: int | None = None) -> Any:
-    from tensorstream.demo import example_spec
+    from tensorstream.examples import example_spec
 
     base = example_spec("phishing.yaml" if stream == "phishing" else "agrawal_drift.yaml", backend=backend)
     if batch is not None:
@@ -299,7 +299,7 @@ def main() -> None:
 
     from tensorstream.bench.machine import describe, machine_info
     from tensorstream.kafka import EmbeddedBroker, KafkaConfig
-    from tensorstream.produce import produce_records
+    from tensorstream.data.produce import produce_records
 
     info = machine_info()
     print(f"machine: {describe(info)}")

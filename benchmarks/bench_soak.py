@@ -38,7 +38,7 @@ def child(backend: str, bootstrap: str, topic: str, n: int, every: int, batch: i
     import psutil
 
     from tensorstream.bench.timed import TimedPipeline
-    from tensorstream.demo import example_spec
+    from tensorstream.examples import example_spec
     from tensorstream.kafka import KafkaConfig
 
     base = example_spec("agrawal_drift.yaml", backend=backend)
@@ -109,7 +109,7 @@ def main() -> None:
 
     from tensorstream.bench.machine import describe, machine_info
     from tensorstream.kafka import EmbeddedBroker, KafkaConfig
-    from tensorstream.produce import produce_records
+    from tensorstream.data.produce import produce_records
 
     info = machine_info()
     print(f"machine: {describe(info)}")

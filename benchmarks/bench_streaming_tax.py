@@ -57,7 +57,7 @@ def _records_for(batch: int, scale: float) -> int:
 
 
 def _spec(backend: str, batch: int, state_dir: str, every_records: int | None = None) -> Any:
-    from tensorstream.demo import example_spec
+    from tensorstream.examples import example_spec
 
     base = example_spec("agrawal_drift.yaml", backend=backend)
     extra = {}
@@ -114,7 +114,7 @@ def _raw(spec: Any, learner: Any, records: list[dict[str, Any]], batch: int) -> 
 
 
 def child(backend: str, bootstrap: str, batches: list[int], repeats: int, scale: float) -> dict[str, Any]:
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
     from tensorstream.kafka import KafkaConfig
 
     cfg = KafkaConfig.local(bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=300)  # quicker joins
@@ -152,7 +152,7 @@ def main() -> None:
 
     from tensorstream.bench.machine import describe, machine_info
     from tensorstream.kafka import EmbeddedBroker, KafkaConfig
-    from tensorstream.produce import produce_records
+    from tensorstream.data.produce import produce_records
 
     info = machine_info()
     print(f"machine: {describe(info)}")

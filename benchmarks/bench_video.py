@@ -31,7 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from tensorstream.kafka import EmbeddedBroker, KafkaConfig  # noqa: E402
-from tensorstream.vision.detect import DetectionPipeline, VideoSpec, build_detector  # noqa: E402
+from tensorstream.vision.detect import DetectionPipeline  # noqa: E402
+from tensorstream.vision.spec import VideoSpec, build_detector  # noqa: E402
 from tensorstream.vision.frames import decode_image, encode_image, open_frames, produce_frames  # noqa: E402
 
 SIZE = 320
@@ -97,7 +98,7 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         cfg = KafkaConfig.local(broker.bootstrap_servers)
         for label in args.models.split(","):
-            from tensorstream.vision.detect import DetectorSpec
+            from tensorstream.vision.spec import DetectorSpec
 
             det_spec = {**MODELS[label], "input_size": SIZE, "threads": args.threads or None}
             detector = build_detector(DetectorSpec.model_validate(det_spec))

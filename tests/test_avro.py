@@ -23,8 +23,8 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from tensorstream.codecs import DecodeError, EncodeError, get_codec
 from tensorstream.codecs.avro import PREDICTION_SCHEMA, RegistryUnavailable, schema_registry_client
-from tensorstream.datasets import open_source
-from tensorstream.demo import example_spec
+from tensorstream.data.datasets import open_source
+from tensorstream.examples import example_spec
 from tensorstream.kafka import KafkaSink
 from tensorstream.kafka.broker import free_port
 from tensorstream.pipeline import Pipeline

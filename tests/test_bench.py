@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from tensorstream.bench.runner import parse_variants, variant_spec
 from tensorstream.bench.verbosity import builtin_verbosity, code_lines, definition_source, factory_verbosity
 from tensorstream.cli import app
-from tensorstream.demo import example_spec
+from tensorstream.examples import example_spec
 
 SAMPLE = textwrap.dedent('''\
     """Module docstring: not code."""
@@ -101,7 +101,7 @@ def test_bench_command_tiny_run(broker, tmp_path: Path, monkeypatch):
     # shorter group joins on the embedded broker (it waits for the session timeout)
     monkeypatch.setenv("TENSORSTREAM_SESSION_TIMEOUT_MS", "2000")
     monkeypatch.setenv("TENSORSTREAM_HEARTBEAT_INTERVAL_MS", "300")
-    spec = yaml.safe_load((Path(example_spec.__code__.co_filename).parent / "examples" / "phishing.yaml").read_text())
+    spec = yaml.safe_load((Path(example_spec.__code__.co_filename).parent / "phishing.yaml").read_text())
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     spec["source"]["topic"] = topic
     spec["sink"]["topic"] = f"{topic}.predictions"

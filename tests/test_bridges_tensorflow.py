@@ -10,10 +10,10 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from tensorstream.datasets import open_source
+from tensorstream.data.datasets import open_source
 from tensorstream.features import FeaturePipeline, LabelEncoder
 from tensorstream.kafka import KafkaConfig, KafkaSink
-from tensorstream.produce import produce_records
+from tensorstream.data.produce import produce_records
 from tensorstream.spec import FeatureSpec, LabelSpec
 
 # Bounded datasets end by running out: Keras warns about it; here that is the point.

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from tensorstream.bridges.common import OffsetCommitter, split_partitions
 from tensorstream.kafka import KafkaConfig, KafkaSink
-from tensorstream.produce import produce_records
+from tensorstream.data.produce import produce_records
 from tensorstream.spec import FeatureSpec, LabelSpec
 from tensorstream.torch import BadRecordError, KafkaIterableDataset
 

@@ -105,7 +105,7 @@ def test_tensorstream_produces_kcat_consumes(broker, topic_factory, kcat_env):
                          env=env, check=True, capture_output=True, timeout=60)
     rows = res.stdout.decode().strip().splitlines()
     assert len(rows) == 25
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
 
     expected = list(open_source("river:Phishing", limit=25))
     for i, row in enumerate(rows):
@@ -121,10 +121,37 @@ def test_broker_command_runs_and_stops(tmp_path):
     try:
         addr = p.stdout.readline().strip()
         assert addr.startswith("127.0.0.1:")
-        state = json.loads((tmp_path / "broker.json").read_text())
+        state = json.loads((tmp_path / "brokers" / f"{p.pid}.json").read_text())
         assert state["bootstrap_servers"] == addr
     finally:
         p.terminate()
         p.wait(20)
     assert p.returncode == 0
-    assert not (tmp_path / "broker.json").exists()
+    assert not (tmp_path / "brokers" / f"{p.pid}.json").exists()
+
+
+def test_one_brokers_exit_does_not_hide_another(tmp_path):
+    """Two local brokers: stopping the newer one leaves the older one discoverable (was: any stopping broker
+    deleted the one shared state file, and `run` then started an empty broker and read nothing)."""
+    from tensorstream.kafka.local import LocalBrokers
+
+    env = {**os.environ, "TENSORSTREAM_HOME": str(tmp_path)}
+    procs, addrs = [], []
+    try:
+        for _ in range(2):
+            p = subprocess.Popen([sys.executable, "-m", "tensorstream", "broker", "--port", "0"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs.append(p)
+            addrs.append(p.stdout.readline().strip())
+        registry = LocalBrokers(tmp_path)
+        assert registry.find() == addrs[1], "the newest"
+        procs[1].terminate()
+        procs[1].wait(20)
+        assert registry.find() == addrs[0], "the other broker is still found"
+        out = subprocess.run([sys.executable, "-m", "tensorstream", "consume", "nothing-here", "--timeout", "1",
+                              "--count"], env=env, capture_output=True, text=True, timeout=60)
+        assert f"using the local broker at {addrs[0]}" in out.stderr
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(20)

@@ -19,9 +19,9 @@ import pytest
 
 from procutil import start_run, write_spec
 from tensorstream.checkpoint import CheckpointStore
-from tensorstream.demo import example_spec
+from tensorstream.examples import example_spec
 from tensorstream.pipeline import Pipeline
-from tensorstream.produce import produce_records
+from tensorstream.data.produce import produce_records
 
 N_RECORDS = 16_000
 KILLS = 10

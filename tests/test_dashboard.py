@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import pytest
 from rich.console import Console
 
-from tensorstream.demo import DemoStream, run_demo
+from tensorstream.cli.demo import DemoStream, run_demo
 from tensorstream.observe import Observers
 from tensorstream.observe.dashboard import (
     DashboardFeed,

@@ -16,8 +16,8 @@ from safetensors.numpy import save as st_save
 
 import tensorstream.learn.delayed
 from tensorstream.backends import make_backend
-from tensorstream.datasets import open_source
-from tensorstream.demo import example_spec
+from tensorstream.data.datasets import open_source
+from tensorstream.examples import example_spec
 from tensorstream.kafka import KafkaSink
 from tensorstream.learn import LabelJoin, OnlineLearner
 from tensorstream.pipeline import Pipeline

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from kafkautil import drain
 from procutil import start_run, write_spec
 from tensorstream.checkpoint.versions import ModelRegistry, ModelWatcher, file_sha256
-from tensorstream.demo import example_spec
+from tensorstream.examples import example_spec
 from tensorstream.kafka import KafkaAdmin, KafkaSink, KafkaSource
 from tensorstream.pipeline import Pipeline, PipelineError
-from tensorstream.produce import produce_records
+from tensorstream.data.produce import produce_records
 
 KEY = "k" * 32  # HMAC key for model announcements in these tests
 
@@ -113,7 +113,7 @@ def test_hot_swap_between_batches_drops_and_repeats_nothing(broker, kafka_config
     t = threading.Thread(target=lambda: result.update(r=pipe.run(max_records=n, timeout=120)))
     t.start()
     # A steady input rate while versions change underneath.
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
 
     recs = [orjson.dumps(r) for r in open_source("river:Phishing")]
     with KafkaSink(kafka_config) as sink:
@@ -145,7 +145,7 @@ def test_hot_swap_between_batches_drops_and_repeats_nothing(broker, kafka_config
     assert r.records == n and r.predictions == n
     assert r.versions_seen[:2] == ["v1", "v2"] and "evil" not in r.versions_seen and "v3" not in r.versions_seen
     assert pipe.rejected_versions >= 1  # v3's hash mismatch (evil never passes signature verification)
-    assert pipe._watcher is not None
+    assert pipe.versions.watcher is not None
     with KafkaSource(kafka_config, group_id, [spec.sink.topic]) as src:
         preds = drain(src, n, timeout=60)
     by_offset = sorted((json.loads(p.value)["source"]["offset"], json.loads(p.value)["model_version"]) for p in preds)
@@ -162,7 +162,7 @@ def test_hot_swap_between_batches_drops_and_repeats_nothing(broker, kafka_config
 @given(garbage=st.lists(st.binary(max_size=64), min_size=5, max_size=15))
 def test_bad_input_goes_to_the_dlq_and_valid_records_flow(garbage, broker, kafka_config, topic_factory, group_id):
     from tensorstream.codecs import encode_frame
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
 
     topic = topic_factory(1, prefix="bad")
     base = example_spec("phishing.yaml")
@@ -276,7 +276,7 @@ def test_broker_outage_is_survived(tmp_path):
         produce_records(cfg, "river:Phishing", spec.source.topic, limit=100)
         with KafkaSource(cfg, "outage-check", [spec.sink.topic]) as out:
             after = drain(out, 100, timeout=90)
-        assert len(after) >= 100, log.read_text()[-3000:]
+        assert len(after) >= 100, "\n".join(l for l in log.read_text().splitlines() if "refused" not in l)[-6000:]
         os.killpg(p.pid, signal.SIGTERM)
         p.wait(60)
     finally:

@@ -20,8 +20,8 @@ import pytest
 
 from procutil import start_run, write_spec
 from tensorstream.checkpoint import CheckpointStore
-from tensorstream.datasets import open_source
-from tensorstream.demo import example_spec
+from tensorstream.data.datasets import open_source
+from tensorstream.examples import example_spec
 from tensorstream.features.transform import FeaturePipeline
 from tensorstream.kafka import KafkaAdmin, KafkaSink
 from tensorstream.pipeline import Pipeline

@@ -18,12 +18,12 @@ import tensorstream.learn.drift
 import tensorstream.learn.policies
 from tensorstream.backends import make_backend
 from tensorstream.checkpoint.versions import ModelRegistry
-from tensorstream.datasets import open_source
-from tensorstream.demo import example_spec
+from tensorstream.data.datasets import open_source
+from tensorstream.examples import example_spec
 from tensorstream.learn import DriftMonitor, OnlineLearner
 from tensorstream.learn.challenger import reset_optimizer
 from tensorstream.pipeline import Pipeline
-from tensorstream.produce import produce_records
+from tensorstream.data.produce import produce_records
 from tensorstream.spec import DriftSpec, ModelSpec, PipelineSpec, SpecError, parse_spec
 
 # Acceptance bounds: the first drift reported must come at or after the drift

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tensorstream.codecs import encode_json
-from tensorstream.datasets import open_source
-from tensorstream.demo import example_spec
+from tensorstream.data.datasets import open_source
+from tensorstream.examples import example_spec
 from tensorstream.kafka import KafkaSink
 from tensorstream.observe.metrics import METRICS, PipelineMetrics
 from tensorstream.pipeline import Pipeline

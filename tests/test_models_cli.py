@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from procutil import write_spec
 from tensorstream.cli import app
-from tensorstream.demo import example_spec
+from tensorstream.examples import example_spec
 from tensorstream.pipeline import Pipeline
-from tensorstream.produce import produce_records
+from tensorstream.data.produce import produce_records
 
 runner = CliRunner()
 

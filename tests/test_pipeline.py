@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from kafkautil import drain
 from tensorstream.cli import app
-from tensorstream.demo import example_spec
+from tensorstream.examples import example_spec
 from tensorstream.kafka import KafkaSink, KafkaSource
 from tensorstream.pipeline import Pipeline
-from tensorstream.produce import produce_records
+from tensorstream.data.produce import produce_records
 from tensorstream.spec import SpecError, load_spec, parse_spec
 
 
@@ -134,7 +134,7 @@ def test_train_then_infer_from_saved_state(kafka_config, topic_factory, group_id
     assert result.model_version == "phishing-tensorflow-" + train.name.split("-", 2)[-1].split("-")[0] + "-1250" \
         or result.model_version.endswith("-1250")
     preds = _predictions(kafka_config, infer.sink.topic, 1250, group_id)
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
 
     labels = [r["y"] for r in open_source("river:Phishing")]
     acc = np.mean([json.loads(p.value)["label"] == labels[json.loads(p.value)["source"]["offset"]] for p in preds])

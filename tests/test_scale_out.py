@@ -14,10 +14,10 @@ import pytest
 
 from kafkautil import drain
 from procutil import start_run, write_spec
-from tensorstream.demo import example_spec
+from tensorstream.examples import example_spec
 from tensorstream.kafka import KafkaAdmin, KafkaSource
 from tensorstream.pipeline import Pipeline
-from tensorstream.produce import produce_records
+from tensorstream.data.produce import produce_records
 
 PARTITIONS = 6
 
@@ -62,7 +62,7 @@ def _produce_spread(kafka_config, topic: str, n: int) -> None:
     """n Phishing records keyed user-<i>: keys spread them over the partitions."""
     import orjson
 
-    from tensorstream.datasets import open_source
+    from tensorstream.data.datasets import open_source
     from tensorstream.kafka import KafkaSink
 
     recs = list(open_source("river:Phishing"))

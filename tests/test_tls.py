@@ -27,12 +27,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tensorstream.demo import example_spec
+from tensorstream.examples import example_spec
 from tensorstream.kafka import ConsumeError, KafkaAdmin, KafkaConfig, KafkaSource
 from tensorstream.kafka.admin import KafkaConnectError
 from tensorstream.kafka.tls import TlsBroker
 from tensorstream.pipeline import Pipeline
-from tensorstream.produce import produce_records
+from tensorstream.data.produce import produce_records
 from tensorstream.spec import BatchSpec
 
 

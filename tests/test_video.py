@@ -25,7 +25,8 @@ import pytest
 
 from tensorstream.kafka import KafkaSink, KafkaSource
 from tensorstream.vision.annotate import annotate_video, count_video_frames, read_topic
-from tensorstream.vision.detect import DetectionPipeline, VideoSpec
+from tensorstream.vision.detect import DetectionPipeline
+from tensorstream.vision.spec import VideoSpec
 from tensorstream.vision.evaluate import evaluate_topics
 from tensorstream.vision.frames import (
     H_INDEX,
@@ -73,7 +74,7 @@ class StubDetector:
         pass
 
 
-@pytest.mark.parametrize("module", ["frames", "grid", "train", "detect"])
+@pytest.mark.parametrize("module", ["frames", "grid", "train", "spec"])
 def test_doctests(module):
     res = doctest.testmod(importlib.import_module(f"tensorstream.vision.{module}"))
     assert res.failed == 0 and res.attempted > 0
@@ -324,7 +325,7 @@ def test_cli_produce_and_eval(kafka_config, topic_factory):
 
 
 def test_video_spec_errors_name_the_field():
-    from tensorstream.vision.detect import VideoSpecError, parse_video_spec
+    from tensorstream.vision.spec import VideoSpecError, parse_video_spec
 
     with pytest.raises(VideoSpecError, match="detector"):
         parse_video_spec({"source": {"topic": "f"}, "detector": {"backend": "torch", "kind": "grid"}})

@@ -41,21 +41,21 @@ def bench(
     Each variant trains, then infers from its trained state, each in its own process, one after another;
     writes report.md, PNG plots and results.json.
     """
-    from tensorstream.cli import _fail, console, kafka_settings, out
+    from tensorstream.cli.common import console, fail, kafka_settings, out
 
     if demo == (spec_path is not None):
-        _fail("give a PIPELINE.yaml or --demo (one of them)", code=2)
+        fail("give a PIPELINE.yaml or --demo (one of them)", code=2)
     from tensorstream.bench.runner import BenchStream, demo_streams, parse_variants, run_bench
 
     try:
         chosen = parse_variants(variants)
     except ValueError as e:
-        _fail(str(e), code=2)
+        fail(str(e), code=2)
     kinds: dict[str, str] = {}
     for item in kind or []:
         backend, sep, factory = item.partition("=")
         if not sep or backend not in ("torch", "tensorflow") or ":" not in factory:
-            _fail(f"--kind {item!r}: use torch=pkg.module:factory or tensorflow=pkg.module:factory", code=2)
+            fail(f"--kind {item!r}: use torch=pkg.module:factory or tensorflow=pkg.module:factory", code=2)
         kinds[backend] = factory
     tag = time.strftime("%Y%m%d-%H%M%S")
     if demo:
@@ -66,9 +66,9 @@ def bench(
         try:
             spec = load_spec(spec_path)  # type: ignore[arg-type]
         except SpecError as e:
-            _fail(str(e), code=2)
+            fail(str(e), code=2)
         if spec.mode == "infer" or spec.label is None:
-            _fail("bench trains each variant first: the spec needs mode train or train+infer and a label", code=2)
+            fail("bench trains each variant first: the spec needs mode train or train+infer and a label", code=2)
         if spec.model.kind not in ("linear", "mlp"):
             # a user factory builds one framework's model: the other framework needs its own --kind
             kinds.setdefault(spec.backend, spec.model.kind)
@@ -78,7 +78,7 @@ def bench(
                 console.print(f"[yellow]skipping {', '.join(dropped)}[/]: model.kind {spec.model.kind!r} builds a "
                               f"{spec.backend} model; give the other framework's factory with --kind BACKEND=pkg.mod:fn")
             if not chosen:
-                _fail("no variant left to run", code=2)
+                fail("no variant left to run", code=2)
         streams = [BenchStream(spec.name, spec.name, spec, produce_from, records, drift_at)]
     out_dir = out_dir or Path("reports") / f"bench-{tag}"
     command = " ".join(["tensorstream", *(shlex.quote(a) for a in sys.argv[1:])])
@@ -90,7 +90,7 @@ def bench(
             result = run_bench(cfg, streams, chosen, out_dir, console=console, timeout=timeout, kinds=kinds,
                                command=command, tag=tag)
         except (ValueError, FileNotFoundError) as e:
-            _fail(str(e))
+            fail(str(e))
     report = write_report(result.to_dict(), out_dir)
     out.print(summary_table(result.to_dict()))
     out.print(f"report: [bold]{report}[/] (plots and results.json beside it); {time.perf_counter() - t0:.0f}s")

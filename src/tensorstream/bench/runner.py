@@ -99,7 +99,8 @@ def parse_variants(text: str) -> list[Variant]:
 
 def demo_streams(records: int | None, tag: str) -> list[BenchStream]:
     """The demo's streams (drifting Agrawal, Phishing) on fresh topics, capped at ``records``."""
-    from tensorstream.demo import STREAMS, example_spec
+    from tensorstream.cli.demo import STREAMS
+    from tensorstream.examples import example_spec
 
     out = []
     for s in STREAMS:
@@ -377,7 +378,7 @@ def run_bench(cfg: KafkaConfig, streams: list[BenchStream], variants: list[Varia
     """Run every stream on every variant (train, then infer), one process at a time; results in ``out_dir``."""
     from tensorstream.bench.machine import machine_info
     from tensorstream.bench.verbosity import verbosity
-    from tensorstream.produce import produce_records
+    from tensorstream.data.produce import produce_records
 
     kinds = kinds or {}
     tag = tag or time.strftime("%Y%m%d-%H%M%S")

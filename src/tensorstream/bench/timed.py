@@ -31,8 +31,8 @@ class TimedPipeline(Pipeline):
     cpu_last_done: float | None = None
     n_first_done = 0
 
-    def _process(self, batch: list[Any]) -> None:
-        super()._process(batch)
+    def process(self, batch: list[Any]) -> None:
+        super().process(batch)
         now, cpu = time.perf_counter(), time.process_time()
         if self.t_first_done is None:
             self.t_first_done, self.cpu_first_done, self.n_first_done = now, cpu, self.records
@@ -40,7 +40,7 @@ class TimedPipeline(Pipeline):
 
     @property
     def first_prediction_s(self) -> float | None:
-        t_first = getattr(self, "_t_first", None)
+        t_first = self.counters.t_first
         if self.t_first_done is None or t_first is None:
             return None
         return self.t_first_done - t_first
@@ -59,7 +59,4 @@ class TimedPipeline(Pipeline):
 
     def latencies_ms(self) -> np.ndarray:
         """The per-record latency samples the pipeline kept (its ring buffer), in ms."""
-        lat = getattr(self, "_latencies", None)
-        if lat is None:
-            return np.zeros(0)
-        return lat[: min(getattr(self, "_n_lat", 0), len(lat))] * 1000.0
+        return self.counters.latencies_ms()

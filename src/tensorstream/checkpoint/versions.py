@@ -473,6 +473,11 @@ class ModelWatcher(_TopicClient):
         return self._state.current
 
     @property
+    def lineage(self) -> list[ModelAnnouncement]:
+        """The promotion stack seen so far (the last one is current); for falling back."""
+        return list(self._state.lineage)
+
+    @property
     def consumer(self) -> Consumer:
         if self._consumer is None:
             self._consumer = _assign_consumer(self.kafka_config, self.topic, self._topic_partitions(),

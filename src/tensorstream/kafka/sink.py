@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -73,6 +73,7 @@ class KafkaSink:
         self.transactional = transactional_id is not None
         self._producer: Producer | None = None
         self._failures: list[FailedDelivery] = []
+        self._reported = 0  # failures already raised once (close() raises only newer ones)
         self.produced = 0  # queued
         self.failed = 0  # queued, then not delivered
 
@@ -136,39 +137,35 @@ class KafkaSink:
             self._producer.poll(timeout)
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every queued record is delivered or failed; raise on any failure."""
+        """Wait until every queued record is delivered or failed; raise on any failure (ever)."""
+        self._wait(timeout, new_only=False)
+        self.raise_failures()
+
+    def _wait(self, timeout: float, new_only: bool) -> None:
         if self._producer is not None:
             deadline = time.monotonic() + timeout
             while self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic()))) > 0:
                 if time.monotonic() >= deadline:
-                    self.raise_failures()  # real failures first: they are final
+                    self.raise_failures(new_only=new_only)  # real failures first: they are final
                     raise DeliveryTimeout([FailedDelivery("*", None, f"{len(self._producer)} record(s) "
                                                           f"still undelivered after {timeout:.0f}s")])
-        self.raise_failures()
 
-    def flush_patiently(self, stopped: Callable[[], bool] = lambda: False, give_up_after: float = 30.0) -> None:
-        """Flush, waiting as long as records are merely queued (e.g. the broker is down).
+    def raise_failures(self, *, new_only: bool = False) -> None:
+        """Raise :class:`DeliveryError` if any record failed delivery.
 
-        librdkafka keeps retrying queued records, so an outage is waited out (with a
-        warning every 5 s) rather than turned into a crash; once ``stopped()`` is true
-        the wait ends after ``give_up_after`` seconds. A record that *failed* raises.
+        Failures are sticky: every later call raises again (a unit of work that
+        lost a record must never look delivered), unless ``new_only``, which
+        raises only for failures not yet reported (used by ``close``).
         """
-        waited = 0.0
-        while True:
-            try:
-                self.flush(timeout=5.0)
-                return
-            except DeliveryTimeout:
-                waited += 5.0
-                log.warning("broker unreachable? %d record(s) waiting for delivery for %.0fs; not committing",
-                            self.pending, waited)
-                if stopped() and waited >= give_up_after:
-                    raise
+        failures = self._failures[self._reported:] if new_only else self._failures
+        if failures:
+            self._reported = len(self._failures)
+            raise DeliveryError(list(failures))
 
-    def raise_failures(self) -> None:
-        if self._failures:
-            failures, self._failures = self._failures, []
-            raise DeliveryError(failures)
+    @property
+    def failures(self) -> list[FailedDelivery]:
+        """Every failed delivery of this producer so far."""
+        return list(self._failures)
 
     # -- transactions (exactly-once mode) -----------------------------------
     def begin(self) -> None:
@@ -181,13 +178,25 @@ class KafkaSink:
         self.raise_failures()
 
     def abort(self, timeout: float = 30.0) -> None:
+        """Abort the open transaction: its records are discarded, and so are their failures."""
         self._failures.clear()
+        self._reported = 0
         self.producer.abort_transaction(timeout)
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 30.0, *, purge: bool = False) -> None:
+        """Flush (raising failures not reported yet) and free the client.
+
+        ``purge``: drop what is still queued instead of waiting for it (after a
+        failure or a forced stop, when nothing of it will be committed anyway).
+        """
         if self._producer is not None:
             try:
-                self.flush(timeout)
+                if purge:
+                    self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+                    self._producer.flush(0)  # serve the purge reports
+                else:
+                    self._wait(timeout, new_only=True)
+                    self.raise_failures(new_only=True)
             finally:
                 self._producer.close()  # free librdkafka's threads and sockets now, not at GC
                 self._producer = None

@@ -108,15 +108,43 @@ class KafkaSource:
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         if self._start_offsets is not None:
+            starts = {(p.topic, p.partition): self._start_offsets((p.topic, p.partition)) for p in partitions}
+            ends = self._ends_beyond({tp: off for tp, off in starts.items() if off is not None})
             for p in partitions:
-                off = self._start_offsets((p.topic, p.partition))
-                if off is not None:
+                off = starts[(p.topic, p.partition)]
+                if off is not None and (p.topic, p.partition) not in ends:
                     p.offset = off
             consumer.assign(partitions)  # offsets set here override the committed ones
         self.assigned.update(tps)
         log.info("assigned %s", tps)
         if self._on_assign:
             self._on_assign(tps)
+
+    def _ends_beyond(self, starts: Mapping[TP, int]) -> dict[TP, int]:
+        """The partitions whose requested start lies beyond their end (the topic was recreated
+        or truncated), with their end; those start where ``auto.offset.reset`` says instead.
+
+        A correct broker answers such a fetch with OFFSET_OUT_OF_RANGE and the client
+        resets by itself; the embedded Tansu broker just returns nothing, forever.
+        """
+        if not any(off > 0 for off in starts.values()):
+            return {}
+        from tensorstream.kafka.admin import KafkaAdmin
+
+        try:
+            admin = KafkaAdmin(self.config)
+            ends: dict[TP, int] = {}
+            for topic in {t for t, _ in starts}:
+                ends.update(admin.end_offsets(topic, timeout=10))
+        except Exception as e:  # cannot tell: trust the requested offsets
+            log.debug("could not read the end offsets of %s: %s", sorted(starts), e)
+            return {}
+        beyond = {tp: ends[tp] for tp, off in starts.items() if tp in ends and off > ends[tp]}
+        for (t, p), end in beyond.items():
+            log.warning("%s[%d] ends at offset %d, before the position %d to resume from: the topic was recreated "
+                        "or truncated; starting from auto.offset.reset (%s) instead", t, p, end, starts[(t, p)],
+                        self._settings.get("auto.offset.reset"))
+        return beyond
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]

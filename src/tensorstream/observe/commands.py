@@ -1,4 +1,4 @@
-"""``tensorstream dashboard`` and ``tensorstream report`` (registered in ``cli.py``)."""
+"""``tensorstream dashboard`` and ``tensorstream report`` (registered in ``tensorstream.cli``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import typer
 
 
 def _err(msg: str, code: int = 1) -> None:
-    from tensorstream.cli import _fail
+    from tensorstream.cli.common import fail
 
-    _fail(msg, code)
+    fail(msg, code)
 
 
 def dashboard(

@@ -52,15 +52,18 @@ import numpy as np
 import orjson
 from confluent_kafka import OFFSET_STORED, Consumer, TopicPartition
 
+from tensorstream.delivery import DeadLetterError, DeliveryFailed, Persisted, RunAborted
 from tensorstream.features.state import from_json_array, json_array
 from tensorstream.features.transform import FeaturePipeline, ParsedBatch
 from tensorstream.kafka import KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
 from tensorstream.learn.metrics import PrequentialMetrics
+from tensorstream.pipeline.loop import PipelineError, close_worker
 from tensorstream.spec import PipelineSpec
 
 if TYPE_CHECKING:
     from tensorstream.checkpoint.store import CheckpointInfo
-    from tensorstream.pipeline.runner import Pipeline, RunResult
+    from tensorstream.pipeline.results import RunResult
+    from tensorstream.pipeline.runner import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +420,7 @@ _RECORDS, _DONE, _STOP, _DEADLINE, _CKPT_TIME, _LEARNED, _IDLE, _ERROR = range(8
 _STEP_LEN = 8
 # the checkpoint's int64 counters (after the per-partition offsets)
 _COUNTERS = ("n_learned", "n_seen", "n_bad", "n_unlabelled", "n_scored", "records", "predictions", "dead_letters",
-             "pending")
+             "pending", "failed")
 
 
 class DistributedTrainer:
@@ -489,14 +492,13 @@ class DistributedTrainer:
         if not owned:
             log.warning("rank %d owns no partition of %s (%d partitions for %d ranks): it only joins the steps",
                         self.rank, spec.source.topic, self._n_partitions, self.world_size)
-        pipe.source = AssignedSource(pipe.kafka, spec.group_id, spec.source.topic, owned,
-                                     auto_offset_reset=spec.source.auto_offset_reset,
-                                     start_offsets=pipe._ckpt_offsets.get)
-        pipe.source.consumer  # noqa: B018 - assign now, so the fetches start while the ranks meet
-        pipe.sink = KafkaSink(pipe.kafka)
-        pipe._in_txn = False
-        if self.rank == 0:
-            pipe._open_versions()  # only rank 0 announces model versions
+        source = AssignedSource(pipe.kafka, spec.group_id, spec.source.topic, owned,
+                                auto_offset_reset=spec.source.auto_offset_reset,
+                                start_offsets=pipe.engine.start_offset)
+        source.consumer  # noqa: B018 - assign now, so the fetches start while the ranks meet
+        pipe.open(source, sink=KafkaSink(pipe.kafka), versions=self.rank == 0)  # only rank 0 announces versions
+        if self.rank != 0:
+            pipe.engine.committer = None  # rank 0 commits every partition's offset
         t0 = time.perf_counter()
         last_progress = t0
         last_data = time.monotonic()
@@ -512,7 +514,7 @@ class DistributedTrainer:
                 vec = np.zeros(_STEP_LEN, dtype=np.int64)
                 vec[_RECORDS] = len(batch)
                 vec[_DONE] = int(not batch and pipe.source.done)
-                vec[_STOP] = int(pipe._stop)
+                vec[_STOP] = int(pipe.control.stopping)
                 vec[_LEARNED] = pipe.learner.n_learned
                 vec[_ERROR] = int(self._error is not None)
                 if self.rank == 0:  # one clock decides the time-based conditions
@@ -535,7 +537,7 @@ class DistributedTrainer:
                 else:
                     busy = False
                 if time.perf_counter() - last_progress >= 1.0:
-                    progress = pipe._progress(t0)
+                    progress = pipe.progress(t0)
                     if pipe.on_progress:
                         pipe.on_progress(progress)
                     last_progress = time.perf_counter()
@@ -549,23 +551,18 @@ class DistributedTrainer:
                 failed = bool(self.coll.all_reduce(np.array([int(self._error is not None)], dtype=np.int64))[0])
             if not failed:
                 self.checkpoint(final=True)
+                failed = self._error is not None  # the last flush failed somewhere: nothing was persisted
         finally:
-            pipe.source.close()
-            pipe.sink.close()
-            for c in (pipe._watcher, pipe._registry):
-                if c is not None:
-                    c.close()
+            close_worker(pipe)
         if failed:
             self.coll.close()
             if self._error is not None:
                 raise self._error
-            from tensorstream.pipeline.runner import PipelineError
-
             raise PipelineError("another rank stopped with an error (see its log); nothing past the last "
                                 "checkpoint was committed")
         self.coll.close()
         if pipe.on_progress:
-            pipe.on_progress(pipe._progress(t0))
+            pipe.on_progress(pipe.progress(t0))
         return self._result(t0)
 
     def _gather(self, busy: bool) -> list[Record]:
@@ -592,7 +589,8 @@ class DistributedTrainer:
                 wait = min(max(deadline - time.monotonic(), 0.0), 0.05)
             more = src.poll_batch(max_size - len(batch), wait)
             batch.extend(more)
-            if len(batch) >= max_size or pipe._stop or time.monotonic() >= deadline or (not more and src.done):
+            if (len(batch) >= max_size or pipe.control.stopping or time.monotonic() >= deadline
+                    or (not more and src.done)):
                 return batch
 
     def _step(self, batch: list[Record]) -> None:
@@ -601,12 +599,11 @@ class DistributedTrainer:
         learner = self.pipe.learner
         syncs, steps = self.features.syncs, self.coll.train_steps
         if batch:
-            from tensorstream.pipeline.runner import PipelineError
-
             try:
-                self.pipe._process(batch)
-            except PipelineError as e:  # raised after the step's work: finish the step, then stop everybody
-                self._error = e
+                self.pipe.process(batch)
+            except DeadLetterError as e:  # raised after the step's work: finish the step, then stop everybody
+                self.pipe.engine.fail(e)
+                self._error = PipelineError(str(e))
         if self.features.syncs == syncs:
             self.features.sync(None)
         if not learner.built and self.features.numeric_fields is not None and learner.spec.label is not None:
@@ -615,7 +612,7 @@ class DistributedTrainer:
             self.coll.empty_step()
 
     # -- checkpoints -------------------------------------------------------
-    def _gather_totals(self) -> dict[str, Any]:
+    def _gather_totals(self, failed: int = 0) -> dict[str, Any]:
         """The job's offsets, counters and metrics (two all-reduces; every rank gets them)."""
         pipe, learner = self.pipe, self.pipe.learner
         topic, n_parts = pipe.spec.source.topic, self._n_partitions
@@ -623,13 +620,13 @@ class DistributedTrainer:
         metrics = learner.metrics
         n_out = metrics.n_outputs if metrics is not None and metrics.task == "classification" else 0
         ints = np.zeros(n_parts + len(_COUNTERS) + n_out * (n_out + 1), dtype=np.int64)
-        for (t, p), off in pipe._positions.items():
+        for (t, p), off in pipe.engine.positions.items():
             if t == topic and p in mine:
                 ints[p] = off + 1  # 0 = this partition has no position
         ints[n_parts:n_parts + len(_COUNTERS)] = [
             learner.n_learned, learner.n_seen, learner.n_bad, learner.n_unlabelled,
             metrics.n_scored if metrics is not None else 0, pipe.records,
-            pipe.predictions, pipe.bad, int(bool(pipe._pending))]
+            pipe.predictions, pipe.bad, int(pipe.engine.positions != pipe.engine.durable), failed]
         floats = np.zeros(0)
         mstate = metrics.state_dict() if metrics is not None else None
         if mstate is not None:
@@ -643,7 +640,7 @@ class DistributedTrainer:
         if len(floats):
             floats = self.coll.all_reduce(floats)
         offsets = {(topic, p): int(v) - 1 for p, v in enumerate(ints[:n_parts].tolist()) if v > 0}
-        for tp, off in pipe._ckpt_offsets.items():  # partitions nobody read since the restore
+        for tp, off in pipe.engine.durable.items():  # partitions nobody read since the restore
             offsets.setdefault(tp, off)
         counters = dict(zip(_COUNTERS, ints[n_parts:n_parts + len(_COUNTERS)].tolist(), strict=True))
         out: dict[str, Any] = {"offsets": offsets, "counters": counters, "metrics_state": None, "metrics": {}}
@@ -669,41 +666,34 @@ class DistributedTrainer:
     def checkpoint(self, final: bool = False) -> str | None:
         """Flush -> gather -> rank 0 writes the checkpoint and commits every partition's offset.
 
-        Collective: every rank calls it in the same step. Returns the checkpoint id on rank 0.
+        Collective: every rank calls it in the same step (and joins the gather even
+        when its own flush failed, so nobody waits for it; then nobody persists).
+        Returns the checkpoint id on rank 0.
         """
-        pipe, learner = self.pipe, self.pipe.learner
+        pipe, engine = self.pipe, self.pipe.engine
         t = time.perf_counter()
-        pipe._flush()  # before the gather: rank 0 must not claim records whose outputs are undelivered
-        g = self._gather_totals()
+        failed = 0
+        try:
+            engine.flush()  # before the gather: rank 0 must not claim records whose outputs are undelivered
+        except (DeliveryFailed, RunAborted) as e:
+            failed = 1
+            self._error = self._error or PipelineError(f"rank {self.rank}: {e}")
+        g = self._gather_totals(failed)
         self.globals = g
         c = g["counters"]
+        if c["failed"]:  # a rank's outputs are not all delivered: nothing of this unit becomes durable
+            if self._error is None:
+                self._error = PipelineError("another rank could not deliver its outputs; nothing past the last "
+                                            "checkpoint was committed")
+            return None
         self.n_learned = c["n_learned"]
         wanted = c["pending"] > 0 or c["n_learned"] != self._ckpt_n
         cid = None
         if wanted and self.rank == 0:
-            assert pipe.store is not None
-            state = learner.state_dict()
-            if g["metrics_state"] is not None:
-                state.update({f"metrics/{k}": v for k, v in g["metrics_state"].items()})
-            state["learner/n_learned"] = np.array([c["n_learned"]], dtype=np.int64)
-            state["learner/counters"] = np.array([c["n_seen"], c["n_bad"], c["n_unlabelled"]], dtype=np.int64)
-            metrics = {k: v for k, v in g["metrics"].items() if math.isfinite(v)}
-            metrics.update(n_seen=float(c["n_seen"]), n_learned=float(c["n_learned"]))
-            info = pipe.store.save(
-                state, offsets=g["offsets"], n_learned=c["n_learned"], backend=pipe.spec.backend,
-                spec_hash=pipe.spec.spec_hash(), metrics=metrics, parent=pipe.last_checkpoint,
-                extra={"distributed": {"engine": self.ctx.engine, "world_size": self.world_size}})
-            cid = info.id
-            pipe.checkpoints += 1
-            pipe.last_checkpoint = info.id
-            log.info("checkpoint %s (rank 0 of %d): %d records learned, offsets %s (%.1f ms)", info.id,
-                     self.world_size, info.n_learned, info.offsets, (time.perf_counter() - t) * 1000)
-            if pipe._commit_offsets(dict(g["offsets"])):  # every rank's partitions: rank 0 speaks for the job
-                pipe._pending = {}
-            if pipe._registry is not None:
-                pipe._announce(info)
+            outcome = engine.persist_and_commit(persist=lambda _offsets: Persisted(self._save(g, t), g["offsets"]))
+            cid = outcome.persisted.id
         elif wanted:
-            pipe._pending = {}  # rank 0 made them durable and commits them
+            engine.persist_and_commit(persist=lambda _offsets: None)  # rank 0 made them durable and commits them
         if wanted:
             self._ckpt_n = c["n_learned"]
             self._ckpt_t = time.monotonic()
@@ -711,18 +701,42 @@ class DistributedTrainer:
             self.coll.all_reduce(np.zeros(1, dtype=np.int64))  # nobody leaves before rank 0 has written
         return cid
 
+    def _save(self, g: dict[str, Any], t: float) -> CheckpointInfo:
+        """Rank 0: the job's checkpoint (the model state is the same on every rank; counters are the job's)."""
+        pipe, learner, c = self.pipe, self.pipe.learner, g["counters"]
+        assert pipe.store is not None
+        state = learner.state_dict()
+        if g["metrics_state"] is not None:
+            state.update({f"metrics/{k}": v for k, v in g["metrics_state"].items()})
+        state["learner/n_learned"] = np.array([c["n_learned"]], dtype=np.int64)
+        state["learner/counters"] = np.array([c["n_seen"], c["n_bad"], c["n_unlabelled"]], dtype=np.int64)
+        metrics = {k: v for k, v in g["metrics"].items() if math.isfinite(v)}
+        metrics.update(n_seen=float(c["n_seen"]), n_learned=float(c["n_learned"]))
+        info = pipe.store.save(
+            state, offsets=g["offsets"], n_learned=c["n_learned"], backend=pipe.spec.backend,
+            spec_hash=pipe.spec.spec_hash(), metrics=metrics, parent=pipe.last_checkpoint,
+            extra={"distributed": {"engine": self.ctx.engine, "world_size": self.world_size}})
+        pipe.checkpoints += 1
+        pipe.last_checkpoint = info.id
+        log.info("checkpoint %s (rank 0 of %d): %d records learned, offsets %s (%.1f ms)", info.id,
+                 self.world_size, info.n_learned, info.offsets, (time.perf_counter() - t) * 1000)
+        ann = pipe.versions.announce(info)
+        if ann is not None:
+            pipe.store.mark_promoted(info.id, ann.version)
+        return info
+
     def _result(self, t0: float) -> RunResult:
         """The job's result (the same on every rank): totals and merged metrics."""
-        from tensorstream.pipeline.runner import RunResult
+        from tensorstream.pipeline.results import RunResult
 
         pipe = self.pipe
-        local = pipe._result(t0)
+        local = pipe.result(t0)
         c = self.globals.get("counters", {})
         metrics = dict(self.globals.get("metrics") or local.metrics)
         metrics.update(n_seen=float(c.get("n_seen", 0)), n_learned=float(c.get("n_learned", 0)),
                        n_bad=float(c.get("n_bad", 0)), n_unlabelled=float(c.get("n_unlabelled", 0)))
         records = int(c.get("records", local.records))
-        seconds = time.perf_counter() - (pipe._t_first or t0)
+        seconds = time.perf_counter() - (pipe.counters.t_first or t0)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return RunResult(pipe.spec.backend, records, int(c.get("predictions", local.predictions)),
                          int(c.get("dead_letters", local.bad)), local.seconds, records / max(seconds, 1e-9),

@@ -3,9 +3,10 @@
 - :mod:`~tensorstream.vision.frames`: frame sources (video file, image
   directory, ``synthetic:`` moving shapes with ground-truth boxes), JPEG / raw
   tensor-frame encoding, record headers, the frame producer.
-- :mod:`~tensorstream.vision.detect`: the detection pipeline (``VideoSpec``,
-  ``DetectionPipeline``): batched threaded decode, resize, detector, one
-  detections record per frame, stale-frame skipping, DLQ, flush-then-commit.
+- :mod:`~tensorstream.vision.spec`: the video spec (``VideoSpec``) and ``build_detector``.
+- :mod:`~tensorstream.vision.detect`: the detection pipeline (``DetectionPipeline``):
+  batched threaded decode, resize, detector, one detections record per frame,
+  stale-frame skipping, DLQ; the tabular pipeline's loop and delivery engine.
 - :mod:`~tensorstream.vision.models_torch` / :mod:`~tensorstream.vision.models_tf`:
   the detectors behind one small protocol (:class:`~tensorstream.vision.grid.Detector`).
 - :mod:`~tensorstream.vision.train`: online fine-tuning on labelled frames.

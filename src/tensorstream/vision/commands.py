@@ -7,12 +7,13 @@ build a detector (``run``/``detect``), and only the one the spec names.
 from __future__ import annotations
 
 import json
-import signal
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from tensorstream.cli.common import STOP_GRACE_S, console, fail, kafka_settings, out, resolve_bootstrap, stop_signals
 
 app = typer.Typer(help="Video streams: frames in, object detections out (PyTorch or TensorFlow).",
                   no_args_is_help=True)
@@ -24,11 +25,6 @@ BootstrapOpt = Annotated[
 ]
 
 
-def _cli() -> Any:
-    # Imported when a command runs: tensorstream.cli registers this module at import time.
-    from tensorstream import cli
-
-    return cli
 
 
 @app.command()
@@ -54,29 +50,27 @@ def produce(
     """Send frames to a topic, keyed by camera, with index/timestamp/size (and truth) headers."""
     from tensorstream.vision.frames import produce_frames
 
-    cli = _cli()
-    servers = cli._resolve_bootstrap(bootstrap_servers)
-    with cli.kafka_settings(servers) as cfg:
+    servers = resolve_bootstrap(bootstrap_servers)
+    with kafka_settings(servers) as cfg:
         try:
             stats = produce_frames(cfg, source, topic, camera=camera, encoding=encoding, quality=quality, fps=fps,
                                    limit=limit, partitions=partitions, drop_policy=drop_policy,
                                    detections_topic=detections_topic, max_lag=max_lag)
         except ValueError as e:
-            cli._fail(str(e))
-    cli.console.print(f"produced [bold]{stats.frames}[/] frames to {topic} in {stats.seconds:.2f}s "
+            fail(str(e))
+    console.print(f"produced [bold]{stats.frames}[/] frames to {topic} in {stats.seconds:.2f}s "
                       f"({stats.fps:,.1f} fps, {stats.bytes / max(stats.frames, 1) / 1024:.1f} KiB/frame)"
                       + (f", dropped {stats.dropped}" if stats.dropped else ""))
 
 
 def _spec(spec_path: Path | None, o: dict[str, Any]) -> Any:
     """The spec from YAML (or defaults), with the command-line options laid over it."""
-    from tensorstream.vision.detect import VideoSpecError, load_video_spec, parse_video_spec
+    from tensorstream.vision.spec import VideoSpecError, load_video_spec, parse_video_spec
 
-    cli = _cli()
     try:
         data = load_video_spec(spec_path).model_dump(exclude_unset=True) if spec_path else {}
     except VideoSpecError as e:
-        cli._fail(str(e), code=2)
+        fail(str(e), code=2)
     data.setdefault("source", {"topic": "frames"})
     det = data.setdefault("detector", {})
     train = data.setdefault("train", {})
@@ -105,7 +99,7 @@ def _spec(spec_path: Path | None, o: dict[str, Any]) -> Any:
     try:
         return parse_video_spec(data, f"({spec_path})" if spec_path else "(command line)")
     except VideoSpecError as e:
-        cli._fail(str(e), code=2)
+        fail(str(e), code=2)
 
 
 @app.command()
@@ -149,27 +143,27 @@ def run(
     result_json: Annotated[Path | None, typer.Option(help="Write the run's result here.")] = None,
 ) -> None:
     """Run a detector on a frames topic: one detections record per frame. Ctrl-C stops cleanly."""
-    cli = _cli()
     spec = _spec(spec_path, dict(frames=frames, detections=detections, name=name, backend=backend, kind=kind,
                                  weights_path=weights_path, pretrained=pretrained, classes=classes,
                                  input_size=input_size, score_threshold=score_threshold, batch_size=batch_size,
                                  threads=threads,
                                  max_staleness_ms=max_staleness_ms, train=train, state_dir=state_dir))
+    from tensorstream.delivery import RunControl
+    from tensorstream.pipeline.loop import PipelineError
     from tensorstream.vision.detect import DetectionPipeline, VideoProgress
     from tensorstream.vision.frames import produce_frames
 
-    servers = cli._resolve_bootstrap(bootstrap_servers, allow_embedded=True)
+    servers = resolve_bootstrap(bootstrap_servers, allow_embedded=True)
     tmp_state = None
     if servers is None and not state_dir and spec.train.enabled:
         tmp_state = tempfile.TemporaryDirectory(prefix="tensorstream-video-")
         spec = spec.model_copy(update={"state_dir": tmp_state.name})
-    console = cli.console
-    with cli.kafka_settings(servers) as cfg:
+    with kafka_settings(servers) as cfg:
         if produce_from:
             try:
                 st = produce_frames(cfg, produce_from, spec.source.topic)
             except ValueError as e:
-                cli._fail(str(e))
+                fail(str(e))
             console.print(f"produced {st.frames} frames to {spec.source.topic}")
         status = console.status(f"[bold]{spec.name}[/] ({spec.detector.backend} {spec.detector.kind}): "
                                 "loading the detector ...")
@@ -180,24 +174,17 @@ def run(
             status.update(f"[bold]{spec.name}[/]: {p.frames:,} frames  {p.fps:,.1f} fps  latency p50 {lat}  "
                           f"skipped {p.skipped:,}  bad {p.bad:,}{extra}")
 
-        with status:
+        control = RunControl(grace_s=STOP_GRACE_S)
+        with status, stop_signals(control, summary=lambda: pipe.engine.summary()):
             try:
-                pipe = DetectionPipeline(spec, cfg, on_progress=show)
+                pipe = DetectionPipeline(spec, cfg, on_progress=show, control=control)
             except (ValueError, OSError) as e:
-                cli._fail(str(e))
-
-            def graceful(signum: int, _frame: object) -> None:
-                if signum == signal.SIGINT:
-                    signal.signal(signal.SIGINT, signal.default_int_handler)
-                pipe.stop()
-
-            prev = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
+                fail(str(e))
             try:
                 result = pipe.run(until_end=until_end, max_frames=max_frames, timeout=timeout,
                                   idle_timeout=idle_timeout)
-            finally:
-                for sig, handler in prev.items():
-                    signal.signal(sig, handler)
+            except PipelineError as e:
+                fail(str(e), code=e.exit_code)
         lat = "-" if result.latency_p50_ms is None else \
             f"{result.latency_p50_ms:,.0f} / {result.latency_p99_ms:,.0f} ms"
         console.print(f"[green]done[/]: {result.frames:,} frames, {result.detections:,} detections records to "
@@ -214,8 +201,8 @@ def run(
             try:
                 ev = evaluate_topics(cfg, spec.source.topic, spec.sink_topic)
             except ValueError as e:
-                cli._fail(str(e))
-            cli.out.print(f"mAP@0.5 {ev.map_50:.4f}  mAP@[.5:.95] {ev.map:.4f}  ({ev.frames} frames)")
+                fail(str(e))
+            out.print(f"mAP@0.5 {ev.map_50:.4f}  mAP@[.5:.95] {ev.map:.4f}  ({ev.frames} frames)")
             out["eval"] = ev.to_dict()
     if save_weights:
         from tensorstream.checkpoint import save_state
@@ -245,15 +232,14 @@ def annotate(
     """Write a video of the frames with their detections drawn on (boxes, labels, scores, latency)."""
     from tensorstream.vision.annotate import annotate_video
 
-    cli = _cli()
-    servers = cli._resolve_bootstrap(bootstrap_servers)
-    with cli.kafka_settings(servers) as cfg:
+    servers = resolve_bootstrap(bootstrap_servers)
+    with kafka_settings(servers) as cfg:
         try:
             st = annotate_video(cfg, frames, detections or f"{frames}.detections", output, camera=camera, fps=fps,
                                 codec=codec, max_frames=max_frames)
         except (ValueError, KeyError) as e:
-            cli._fail(str(e))
-    cli.console.print(f"wrote {st.frames} frames to {st.path} ({st.annotated} annotated, {st.skipped} skipped, "
+            fail(str(e))
+    console.print(f"wrote {st.frames} frames to {st.path} ({st.annotated} annotated, {st.skipped} skipped, "
                       f"{st.missing} without detections, {st.undecodable} undecodable)")
 
 
@@ -266,14 +252,13 @@ def evaluate(
     """mAP of a detections topic against the frames' ground truth (torchmetrics, COCO protocol)."""
     from tensorstream.vision.evaluate import evaluate_topics
 
-    cli = _cli()
-    servers = cli._resolve_bootstrap(bootstrap_servers)
-    with cli.kafka_settings(servers) as cfg:
+    servers = resolve_bootstrap(bootstrap_servers)
+    with kafka_settings(servers) as cfg:
         try:
             ev = evaluate_topics(cfg, frames, detections or f"{frames}.detections")
         except (ValueError, KeyError) as e:
-            cli._fail(str(e))
-    cli.out.print(json.dumps(ev.to_dict()))
+            fail(str(e))
+    out.print(json.dumps(ev.to_dict()))
 
 
 # `detect` is another name for `run`

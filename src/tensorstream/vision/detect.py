@@ -41,8 +41,6 @@ plus the offsets they reflect) is durable, and resumes from it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -50,228 +48,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import orjson
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from confluent_kafka import KafkaException
 
 from tensorstream.codecs import DecodeError
+from tensorstream.delivery import DeadLetters, DeliveryEngine, RunControl
 from tensorstream.kafka import TP, KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
 from tensorstream.pipeline.batching import next_batch
-from tensorstream.vision.frames import (
-    H_HEIGHT,
-    H_INDEX,
-    H_TRUTH,
-    H_TS,
-    H_WIDTH,
-    SYNTHETIC_CLASSES,
-    decode_sized,
-    headers_dict,
-    parse_truth,
-)
+from tensorstream.pipeline.loop import StopConditions, run_loop
+from tensorstream.vision.frames import H_HEIGHT, H_INDEX, H_TRUTH, H_TS, H_WIDTH, decode_sized, headers_dict, parse_truth
 from tensorstream.vision.grid import Detections, Detector
+from tensorstream.vision.spec import VideoSpec, build_detector
 
 log = logging.getLogger(__name__)
-
-TORCH_KINDS = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn")
-
-
-# --------------------------------------------------------------------------- spec
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DetectorSpec(_Strict):
-    """Which detector, on which framework.
-
-    ``backend: tensorflow`` + ``kind: grid``: the built-in Keras grid detector
-    (``weights_path``: a user's ``.keras`` model, loaded with ``safe_mode=True``,
-    or a ``.safetensors`` state of the built-in one, e.g. a checkpoint's).
-    ``backend: torch`` + ``kind: ssdlite320_mobilenet_v3_large`` or
-    ``fasterrcnn_mobilenet_v3_large_320_fpn`` (``weights_path``: a
-    ``torch.save``'d state dict, read with ``weights_only=True``, or
-    ``.safetensors``; ``pretrained: true``: torchvision's COCO weights, online only).
-    """
-
-    backend: Literal["torch", "tensorflow"] = "tensorflow"
-    kind: str = "grid"
-    weights_path: str | None = None
-    pretrained: bool = False
-    classes: list[str] = Field(default_factory=lambda: list(SYNTHETIC_CLASSES), min_length=1)
-    #: the detector's input (width, height); frames are resized to it. An int means square.
-    input_size: tuple[int, int] = (320, 320)
-    score_threshold: float = Field(default=0.3, ge=0, le=1)
-    iou_threshold: float = Field(default=0.45, gt=0, le=1)
-    max_detections: int = Field(default=100, ge=1, le=10_000)
-    lr: float | None = Field(default=None, gt=0)  # default: 2e-3 (grid), 1e-4 (torchvision)
-    seed: int = 0
-    width: int = Field(default=32, ge=4, le=512)  # the grid detector's channel width
-    #: intra-op threads of the framework (None: its default, one per core). On a
-    #: machine whose cores are busy with other work, 1 avoids threads waiting on each other.
-    threads: int | None = Field(default=None, ge=1, le=1024)
-
-    @field_validator("input_size", mode="before")
-    @classmethod
-    def _square(cls, v: Any) -> Any:
-        return (v, v) if isinstance(v, int) else v
-
-    @model_validator(mode="after")
-    def _kind_fits_backend(self) -> DetectorSpec:
-        if self.backend == "torch" and self.kind not in TORCH_KINDS:
-            raise ValueError(f"kind {self.kind!r} is not a PyTorch detector; use one of {', '.join(TORCH_KINDS)}")
-        if self.backend == "tensorflow" and self.kind != "grid":
-            raise ValueError("the TensorFlow detector is kind: grid (a user model: weights_path: model.keras)")
-        if self.backend == "tensorflow" and self.pretrained:
-            raise ValueError("pretrained: true is for the torchvision detectors")
-        if min(self.input_size) < 32:
-            raise ValueError("input_size must be at least 32 pixels")
-        return self
-
-
-class BatchSpec(_Strict):
-    max_size: int = Field(default=8, ge=1, le=1024)
-    max_wait_ms: int = Field(default=20, ge=0, le=60_000)
-
-
-class TrainSpec(_Strict):
-    """Online fine-tuning on labelled frames (test-then-train)."""
-
-    enabled: bool = False
-    #: labels in each frame's ``frame.truth`` header, or in records of ``labels_topic``
-    #: (key = camera id, header ``frame.index``, value = the same JSON as ``frame.truth``)
-    labels_topic: str | None = None
-    batch_size: int = Field(default=16, ge=1, le=4096)
-    steps_per_batch: int = Field(default=1, ge=1, le=100)
-    replay: int = Field(default=256, ge=1, le=1_000_000)
-    #: frames awaiting their label (or labels their frame) in a labels-topic join
-    join_window: int = Field(default=512, ge=1, le=100_000)
-    checkpoint_every_frames: int = Field(default=1000, ge=1)
-    checkpoint_every_s: float = Field(default=30.0, gt=0)
-    keep_last: int = Field(default=3, ge=1)
-    #: any fsspec URL; default ``<state_dir>/<name>/checkpoints``
-    checkpoint_url: str | None = None
-
-
-class VideoSourceSpec(_Strict):
-    topic: str = Field(min_length=1)
-    group_id: str | None = None
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    #: librdkafka ``fetch.wait.max.ms``: how long the broker may hold a fetch that
-    #: found no new frame. Kafka answers as soon as data arrives; the embedded Tansu
-    #: broker holds it the whole time, which adds up to this much latency per frame.
-    fetch_wait_ms: int = Field(default=10, ge=0, le=10_000)
-
-
-class VideoSinkSpec(_Strict):
-    topic: str = Field(min_length=1)
-
-
-class VideoSpec(_Strict):
-    """A detection pipeline (``task: detection``): YAML or Python.
-
-    >>> spec = VideoSpec.model_validate({"name": "cams", "source": {"topic": "frames"},
-    ...                                  "detector": {"backend": "torch", "kind": "ssdlite320_mobilenet_v3_large"}})
-    >>> spec.sink_topic, spec.dlq_topic, spec.group_id, spec.detector.input_size
-    ('frames.detections', 'cams.dlq', 'tensorstream.video.cams', (320, 320))
-    """
-
-    name: str = Field(default="video", pattern=r"^[A-Za-z0-9._-]+$")
-    task: Literal["detection"] = "detection"
-    source: VideoSourceSpec
-    sink: VideoSinkSpec | None = None
-    detector: DetectorSpec = Field(default_factory=DetectorSpec)
-    batch: BatchSpec = Field(default_factory=BatchSpec)
-    decode_threads: int = Field(default=2, ge=1, le=64)
-    #: skip (do not detect) frames older than this when taken; None: never skip
-    max_staleness_ms: int | None = Field(default=None, ge=1)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    commit_interval_s: float = Field(default=0.5, gt=0)
-    state_dir: str = ".tensorstream"
-
-    @property
-    def sink_topic(self) -> str:
-        return self.sink.topic if self.sink else f"{self.source.topic}.detections"
-
-    @property
-    def dlq_topic(self) -> str:
-        return f"{self.name}.dlq"
-
-    @property
-    def group_id(self) -> str:
-        return self.source.group_id or f"tensorstream.video.{self.name}"
-
-    @property
-    def checkpoint_url(self) -> str:
-        return self.train.checkpoint_url or str(Path(self.state_dir) / self.name / "checkpoints")
-
-    def spec_hash(self) -> str:
-        """What a checkpoint must match: the detector's architecture and classes."""
-        d = self.detector
-        part = {"backend": d.backend, "kind": d.kind, "classes": d.classes, "input_size": d.input_size,
-                "width": d.width}
-        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class VideoSpecError(ValueError):
-    """A video spec that does not validate; the message names each bad field."""
-
-
-def parse_video_spec(data: Any, origin: str = "") -> VideoSpec:
-    if not isinstance(data, dict):
-        raise VideoSpecError(f"invalid video spec {origin}: the top level must be a mapping")
-    try:
-        return VideoSpec.model_validate(data)
-    except ValidationError as err:
-        lines = [f"invalid video spec {origin}:"]
-        lines += [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()]
-        raise VideoSpecError("\n".join(lines)) from None
-
-
-def load_video_spec(path: str | Path) -> VideoSpec:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise VideoSpecError(f"video spec not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise VideoSpecError(f"invalid YAML in {path}: {err}") from None
-    return parse_video_spec(data, f"({path})")
-
-
-# --------------------------------------------------------------------------- detectors
-
-
-def build_detector(d: DetectorSpec) -> Detector:
-    """The detector a spec names (imports its framework now, not before)."""
-    common = dict(input_size=tuple(d.input_size), class_names=d.classes, score_threshold=d.score_threshold,
-                  max_detections=d.max_detections, seed=d.seed)
-    if d.backend == "torch":
-        import torch
-
-        from tensorstream.vision.models_torch import build_torch_detector
-
-        if d.threads:
-            torch.set_num_threads(d.threads)
-
-        return build_torch_detector(kind=d.kind, weights_path=d.weights_path, pretrained=d.pretrained,
-                                    lr=d.lr or 1e-4, **common)
-    from tensorstream.vision.models_tf import build_keras_detector, set_threads
-
-    if d.threads:
-        set_threads(d.threads)
-    keras_path = d.weights_path if d.weights_path and d.weights_path.endswith(".keras") else None
-    det = build_keras_detector(kind=d.kind, keras_path=keras_path, lr=d.lr or 2e-3, iou_threshold=d.iou_threshold,
-                               width=d.width, **common)
-    if d.weights_path and not keras_path:
-        from tensorstream.checkpoint import load_state
-
-        state, _ = load_state(d.weights_path)
-        det.load_state_dict(state)
-    return det
 
 
 # --------------------------------------------------------------------------- the loop
@@ -343,30 +135,33 @@ class DetectionPipeline:
     ``run()`` processes micro-batches until ``max_frames`` frames, ``until_end``
     (every assigned partition read to its end), ``timeout`` seconds,
     ``idle_timeout`` seconds without data, or ``stop()``; then it checkpoints
-    (training) or commits, and closes. ``detector`` may be passed in (tests,
-    benchmarks) instead of built from the spec.
+    (training) or commits, and closes: the tabular pipeline's loop
+    (:func:`~tensorstream.pipeline.loop.run_loop`) and commit order
+    (:class:`~tensorstream.delivery.DeliveryEngine`). ``detector`` may be passed
+    in (tests, benchmarks) instead of built from the spec.
     """
 
     def __init__(self, spec: VideoSpec, kafka: KafkaConfig, *, detector: Detector | None = None,
-                 on_progress: Callable[[VideoProgress], None] | None = None):
+                 on_progress: Callable[[VideoProgress], None] | None = None, control: RunControl | None = None):
         self.spec = spec
         self.kafka = kafka
         self.on_progress = on_progress
+        self.control = control or RunControl()
         self.detector = detector if detector is not None else build_detector(spec.detector)
         self.input_size = tuple(self.detector.input_size)
         self.class_names = list(self.detector.class_names)
-        self._stop = False
         self.frames = self.emitted = self.skipped = self.bad = self.bad_labels = 0
         self._latencies: list[float] = []
-        self._positions: dict[TP, int] = {}
-        self._pending: dict[TP, int] = {}
         self._t_first: float | None = None
+        self._last_commit = time.perf_counter()
         self.model_version = self._initial_version()
         self.trainer = None
         self.store = None
         self.checkpoints = 0
         self.last_checkpoint: str | None = None
-        self._start_offsets: dict[TP, int] = {}
+        self.engine = DeliveryEngine(control=self.control, resume_from_positions=spec.train.enabled,
+                                     persist=self._persist if spec.train.enabled else None,
+                                     refusals=(KafkaException,))
         # labels-topic join: (camera, frame index) -> waiting frame image / waiting truth
         self._frames_waiting: OrderedDict[tuple[bytes | None, int], tuple[np.ndarray, float, float]] = OrderedDict()
         self._labels_waiting: OrderedDict[tuple[bytes | None, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -390,7 +185,7 @@ class DetectionPipeline:
         return f"{base}:pretrained" if d.pretrained else base
 
     def stop(self) -> None:
-        self._stop = True
+        self.control.request_stop("stop()")
 
     # -- state ------------------------------------------------------------
     def _restore(self) -> None:
@@ -406,40 +201,33 @@ class DetectionPipeline:
                                   "detector (backend/kind/classes/input size); use another state_dir or name")
         self.detector.load_state_dict(state)
         self.trainer.n_learned = info.n_learned
-        self._start_offsets = dict(info.offsets)
-        self._positions = dict(info.offsets)
+        self.engine.positions = dict(info.offsets)
+        self.engine.durable = dict(info.offsets)
         self.last_checkpoint = info.id
         log.info("restored checkpoint %s: %d frames learned; resuming from %s", info.id, info.n_learned,
                  info.offsets)
 
-    def checkpoint(self) -> str | None:
-        """Training: flush outputs -> write the checkpoint (fsynced) -> commit the offsets it reflects."""
+    def _persist(self, offsets: dict[TP, int]) -> Any:
+        """Training (called by the engine, after the flush): write the checkpoint (fsynced)."""
         assert self.store is not None and self.trainer is not None
-        if not self._pending and self.trainer.n_learned == self._ckpt_n:
-            return None
         self.trainer.flush()  # learn what is queued, so the checkpoint reflects every offset it stores
-        self._flush()
         metrics = {"loss": self.trainer.last_loss} if self.trainer.last_loss is not None else {}
-        info = self.store.save(self.detector.state_dict(), offsets=dict(self._positions),
+        info = self.store.save(self.detector.state_dict(), offsets=offsets,
                                n_learned=self.trainer.n_learned, backend=self.spec.detector.backend,
                                spec_hash=self.spec.spec_hash(), metrics=metrics, parent=self.last_checkpoint,
                                extra={"kind": self.spec.detector.kind, "classes": self.class_names})
         self.checkpoints += 1
         self.last_checkpoint = info.id
         self._ckpt_n, self._ckpt_t = self.trainer.n_learned, time.monotonic()
-        if self._pending and self.source.try_commit(dict(self._positions)):
-            self._pending = {}
         log.info("checkpoint %s: %d frames learned", info.id, info.n_learned)
-        return info.id
+        return info
 
-    def _checkpoint_due(self) -> bool:
-        assert self.trainer is not None
-        t = self.spec.train
-        learned = self.trainer.n_learned - self._ckpt_n
-        return learned >= t.checkpoint_every_frames or (
-            (learned > 0 or self._pending) and time.monotonic() - self._ckpt_t >= t.checkpoint_every_s)
+    def checkpoint(self) -> str | None:
+        """Training: flush outputs -> write the checkpoint (fsynced) -> commit the offsets it reflects."""
+        outcome = self.engine.commit(force_persist=self.trainer is not None and self.trainer.n_learned != self._ckpt_n)
+        return outcome.persisted.id if outcome.persisted is not None else None
 
-    # -- the loop ---------------------------------------------------------
+    # -- the loop (a LoopWorker: pipeline/loop.py) ------------------------------
     def run(self, *, max_frames: int | None = None, until_end: bool = False, timeout: float | None = None,
             idle_timeout: float | None = None) -> VideoResult:
         spec = self.spec
@@ -450,56 +238,52 @@ class DetectionPipeline:
         for t in (*topics, spec.sink_topic):
             admin.ensure_topic(t)
         self.source = KafkaSource(self.kafka, spec.group_id, topics, auto_offset_reset=spec.source.auto_offset_reset,
-                                  on_revoke=self._on_revoke,
-                                  start_offsets=self._start_offsets.get if self.trainer else None,
+                                  on_revoke=self.engine.on_revoke,
+                                  start_offsets=self.engine.start_offset if self.trainer else None,
                                   # frames are big: prefetch 16 MiB per partition, not librdkafka's 64 MiB
                                   **{"queued.max.messages.kbytes": 16384,
                                      "fetch.wait.max.ms": spec.source.fetch_wait_ms})
         self.sink = KafkaSink(self.kafka)
+        self.engine.sink, self.engine.committer = self.sink, self.source.commit
+        self.engine._owned = lambda: self.source.assigned
+        self.dead_letters = DeadLetters(self.sink, spec.dlq_topic)
         self._pool = ThreadPoolExecutor(spec.decode_threads, thread_name_prefix="tensorstream-decode")
         t0 = time.perf_counter()
-        last_commit = last_progress = t0
-        last_data = time.monotonic()
-        try:
-            while not self._stop:
-                batch = self._next_batch(spec.batch.max_size, spec.batch.max_wait_ms / 1000)
-                now = time.perf_counter()
-                if batch:
-                    last_data = time.monotonic()
-                    self._process(batch)
-                if self.trainer is not None:
-                    if self._checkpoint_due():
-                        self.checkpoint()
-                elif now - last_commit >= spec.commit_interval_s:
-                    self.commit()
-                    last_commit = now
-                if self.on_progress and now - last_progress >= 1.0:
-                    self.on_progress(self._progress(t0))
-                    last_progress = now
-                if max_frames is not None and self.frames >= max_frames:
-                    break
-                if timeout is not None and now - t0 > timeout:
-                    break
-                if until_end and not batch and self.source.at_end:
-                    break
-                if idle_timeout is not None and self.source.assigned and time.monotonic() - last_data > idle_timeout:
-                    break
-            if self.trainer is not None:
-                self.checkpoint()
-            else:
-                self.commit()
-        finally:
-            self._pool.shutdown(wait=True)
-            self.source.close()
-            self.sink.close()
-        if self.on_progress:
-            self.on_progress(self._progress(t0))
+        run_loop(self, StopConditions(max_frames, until_end, timeout, idle_timeout), self.on_progress)
         return self._result(t0)
 
-    def _next_batch(self, max_size: int, max_wait: float) -> list[Record]:
-        return next_batch(self.source, max_size, max_wait, lambda: self._stop)
+    def before_batch(self) -> None:
+        pass
 
-    def _process(self, batch: list[Record]) -> None:
+    def next_batch(self) -> list[Record]:
+        b = self.spec.batch
+        return next_batch(self.source, b.max_size, b.max_wait_ms / 1000, lambda: self.control.stopping)
+
+    def processed(self) -> int:
+        return self.frames
+
+    def commit_due(self) -> bool:
+        if self.trainer is None:
+            return time.perf_counter() - self._last_commit >= self.spec.commit_interval_s
+        t = self.spec.train
+        learned = self.trainer.n_learned - self._ckpt_n
+        owed = learned > 0 or self.engine.positions != self.engine.durable
+        return learned >= t.checkpoint_every_frames or (owed and time.monotonic() - self._ckpt_t >= t.checkpoint_every_s)
+
+    def commit(self) -> None:
+        """Training: flush -> checkpoint -> commit; inference: flush -> commit (see DeliveryEngine)."""
+        self.engine.commit(force_persist=self.trainer is not None and self.trainer.n_learned != self._ckpt_n)
+        self._last_commit = time.perf_counter()
+        self._ckpt_t = time.monotonic()
+
+    def progress(self, t0: float) -> VideoProgress:
+        return self._progress(t0)
+
+    def close_extras(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def process(self, batch: list[Record]) -> None:
+        batch = self.engine.admit(batch, self.source.assigned)
         if self._t_first is None:
             self._t_first = time.perf_counter()
         labels_topic = self.spec.train.labels_topic if self.trainer else None
@@ -521,9 +305,7 @@ class DetectionPipeline:
                 todo.append((rec, h, ts, idx))
         if todo:
             self._detect(todo)
-        for rec in batch:
-            tp = (rec.topic, rec.partition)
-            self._positions[tp] = self._pending[tp] = rec.offset + 1
+        self.engine.advance(batch)
         self.sink.poll(0)
 
     def _decode(self, value: bytes | None) -> tuple[int, int, np.ndarray] | DecodeError:
@@ -657,37 +439,7 @@ class DetectionPipeline:
 
     def _dead_letter(self, rec: Record, error_type: str, message: str) -> None:
         self.bad += 1
-        self.sink.produce(self.spec.dlq_topic, rec.value, key=rec.key, headers=[
-            *(rec.headers or []),
-            ("error.type", error_type.encode()),
-            ("error.message", message.encode()[:4096]),
-            ("source.topic", rec.topic.encode()),
-            ("source.partition", str(rec.partition).encode()),
-            ("source.offset", str(rec.offset).encode()),
-        ])
-
-    # -- offsets ----------------------------------------------------------
-    def _flush(self) -> None:
-        self.sink.flush_patiently(lambda: self._stop)
-
-    def commit(self) -> None:
-        """Inference: flush outputs (delivery confirmed), then commit the offsets they cover."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
-        self._flush()
-        if not self.source.try_commit(pending):
-            for tp, off in pending.items():
-                self._pending.setdefault(tp, off)
-
-    def _on_revoke(self, tps: list[TP]) -> None:
-        try:
-            if self.trainer is not None:
-                self.checkpoint()
-            else:
-                self.commit()
-        except Exception:  # pragma: no cover - logged; the uncommitted window is re-processed
-            log.exception("commit on revoke failed; the uncommitted window will be re-processed")
+        self.dead_letters.send(rec, error_type, message)
 
     # -- reporting --------------------------------------------------------
     def _fps(self) -> float:

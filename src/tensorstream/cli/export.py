@@ -11,6 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
+from tensorstream.cli.common import console, fail
+from tensorstream.cli.common import out as stdout
+
 FormatOpt = Annotated[str, typer.Option(
     "--format", "-f", help="onnx | torchscript | exported-program (torch) | savedmodel (tensorflow).")]
 
@@ -51,18 +54,17 @@ def export(
     and the command fails. Categorical encoding stays outside the graph:
     <OUT>.layout.json says how to build the input row (docs/export.md).
     """
-    from tensorstream.cli import _fail, console, out as stdout
     from tensorstream.export import FORMATS, ExportError, export_learner
     from tensorstream.spec import SpecError, load_spec
 
     if (version is None) == (state is None):
-        _fail("give a checkpoint VERSION or --state FILE (one of them)", code=2)
+        fail("give a checkpoint VERSION or --state FILE (one of them)", code=2)
     if backend is not None and backend not in FORMATS:
-        _fail(f"--backend {backend!r}: choose {' or '.join(FORMATS)}", code=2)
+        fail(f"--backend {backend!r}: choose {' or '.join(FORMATS)}", code=2)
     try:
         spec = load_spec(spec_path)
     except SpecError as e:
-        _fail(str(e), code=2)
+        fail(str(e), code=2)
     if state_dir:
         spec = spec.model_copy(update={"state_dir": state_dir})
 
@@ -80,10 +82,10 @@ def export(
             info = {"checkpoint": ckpt.id, "n_learned": ckpt.n_learned, "promoted": ckpt.promoted,
                     "created": ckpt.created_at.isoformat(timespec="seconds")}
     except (CheckpointError, StateFileError) as e:
-        _fail(str(e))
+        fail(str(e))
     mine = spec.model_copy(update={"backend": trained_on}).spec_hash()
     if spec_hash and spec_hash != mine:
-        _fail(f"{version or state} was written for another model/feature spec (hash {spec_hash}, "
+        fail(f"{version or state} was written for another model/feature spec (hash {spec_hash}, "
               f"{spec_path} gives {mine})")
     target = backend or trained_on
     info.update(pipeline=spec.name, trained_on=trained_on, spec_hash=mine)
@@ -93,7 +95,7 @@ def export(
             learner = _learner(spec, arrays, target)
             result = export_learner(learner, fmt, out, opset=opset, atol=atol, overwrite=force, model_info=info)
         except (ExportError, ValueError, TypeError, ImportError) as e:
-            _fail(str(e))
+            fail(str(e))
     stdout.print(f"exported {result.format} ({result.backend}): {result.path}  layout: {result.layout_path}",
                  highlight=False)
     stdout.print(f"verified: max |exported - live| = {result.max_abs_diff:.3g} (atol {atol:g}) on "

@@ -13,21 +13,36 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import json
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import orjson
+import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tensorstream.datasets import LABEL_FIELD, open_source
+from tensorstream.cli.common import (
+    BootstrapOpt,
+    DashboardOpt,
+    DashboardPortOpt,
+    MetricsPortOpt,
+    RunDirOpt,
+    console,
+    fail,
+    kafka_settings,
+    observers,
+    out,
+)
+from tensorstream.data.datasets import LABEL_FIELD, open_source
+from tensorstream.data.produce import produce_records
+from tensorstream.examples import example_spec
 from tensorstream.kafka import KafkaConfig, KafkaSource
-from tensorstream.produce import produce_records
-from tensorstream.spec import PipelineSpec, load_spec
+from tensorstream.spec import PipelineSpec
 
 BACKENDS = ("torch", "tensorflow")
 
@@ -47,12 +62,6 @@ STREAMS = (
     DemoStream("Agrawal, function 0 -> 2 at 5000", "agrawal_drift.yaml", "river:drift.agrawal", 10_000, 5000),
     DemoStream("Phishing", "phishing.yaml", "river:Phishing", 1250, None),
 )
-
-
-def example_spec(name: str, **overrides: Any) -> PipelineSpec:
-    """Load one of the specs shipped in ``tensorstream/examples``."""
-    with resources.as_file(resources.files("tensorstream") / "examples" / name) as path:
-        return load_spec(path, **overrides)
 
 
 def _worker(spec_json: bytes, bootstrap: str, key: str, q: Any,
@@ -234,3 +243,32 @@ def summary_table(results: dict[str, dict[str, Any]]) -> Table:
                   f(r["records_per_s"], "{:,.0f}"), f(r["latency_p50_ms"], "{:.2f}"),
                   f(r["latency_p99_ms"], "{:.2f}"), f(r["peak_rss_mb"], "{:,.0f}"))
     return t
+
+
+def demo(
+    bootstrap_servers: BootstrapOpt = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated backends to compare.")] = "torch,tensorflow",
+    result_json: Annotated[Path | None, typer.Option(help="Write all results here.")] = None,
+    metrics_port: MetricsPortOpt = None,
+    dashboard: DashboardOpt = False,
+    dashboard_port: DashboardPortOpt = 0,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Stream drifting and real datasets through PyTorch and TensorFlow pipelines side by side."""
+    chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
+    bad = [b for b in chosen if b not in ("torch", "tensorflow")]
+    if bad or not chosen:
+        fail(f"unknown backend(s) {bad}: use torch and/or tensorflow")
+    t0 = time.perf_counter()
+    views = observers(dashboard, dashboard_port, run_dir)
+    try:
+        with kafka_settings(bootstrap_servers) as cfg:
+            results = run_demo(cfg, console, backends=chosen, observers=views, metrics_port=metrics_port)
+    finally:
+        views.close()
+    out.print(summary_table(results))
+    out.print(f"finished in {time.perf_counter() - t0:.0f}s; the embedded broker is stopped, nothing left running.")
+    if result_json:
+        result_json.write_text(json.dumps(results, indent=2))
+    if any("error" in r for r in results.values()):
+        raise typer.Exit(1)

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from tensorstream.cli.common import fail, out, running_local_broker
+
 app = typer.Typer(help="Connection settings: show what the commands will use.", no_args_is_help=True)
 
 BootstrapOpt = Annotated[
@@ -29,11 +31,6 @@ MASK = "**********"
 _SECRET_WORDS = ("password", "secret", "token", "credential")
 
 
-def _cli():  # noqa: ANN202
-    # Imported when the command runs: tensorstream.cli registers this module at import time.
-    from tensorstream import cli
-
-    return cli
 
 
 def _is_secret(key: str) -> bool:
@@ -64,8 +61,7 @@ def effective_settings(bootstrap: str | None) -> dict[str, Any]:
     from tensorstream.codecs.avro import BASIC_AUTH_ENV
     from tensorstream.kafka.config import KafkaConfig
 
-    cli = _cli()
-    local = None if bootstrap else cli._running_local_broker()
+    local = None if bootstrap else running_local_broker()
     servers = bootstrap or local
     try:
         cfg = KafkaConfig.from_env(servers)
@@ -108,16 +104,15 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
 ) -> None:
     """The effective Kafka settings (flags, TENSORSTREAM_* env, *_FILE), secrets masked."""
-    cli = _cli()
     try:
         eff = effective_settings(bootstrap_servers)
     except ValueError as e:
-        cli._fail(str(e), code=2)
+        fail(str(e), code=2)
     if as_json:
-        cli.out.print_json(json.dumps(eff, default=str))
+        out.print_json(json.dumps(eff, default=str))
         return
     if not eff["kafka"]:
-        cli.out.print(eff["note"], highlight=False)
+        out.print(eff["note"], highlight=False)
         return
     t = Table(title="Kafka settings (librdkafka names)")
     t.add_column("setting", no_wrap=True)
@@ -127,4 +122,4 @@ def show(
         t.add_row(k, str(v), eff["origin"].get(k, ""))
     for k, v in eff["schema_registry"].items():
         t.add_row(f"schema registry {k}", str(v), eff["origin"].get(f"schema_registry.{k}", ""))
-    cli.out.print(t)
+    out.print(t)

@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from tensorstream.cli.common import console, fail, kafka_settings, out, resolve_bootstrap
+
 app = typer.Typer(help="Model versions: list, show, promote, rollback.", no_args_is_help=True)
 
 BootstrapOpt = Annotated[
@@ -25,31 +27,25 @@ BootstrapOpt = Annotated[
 SpecArg = Annotated[Path, typer.Argument(metavar="PIPELINE.yaml", help="The pipeline spec (name, key, store).")]
 
 
-def _cli():  # noqa: ANN202
-    # Imported when a command runs: tensorstream.cli registers this module at import time.
-    from tensorstream import cli
-
-    return cli
 
 
 def _open(spec_path: Path, bootstrap: str | None, state_dir: str | None):  # noqa: ANN202
-    _fail, _resolve_bootstrap = _cli()._fail, _cli()._resolve_bootstrap
     from tensorstream.checkpoint.versions import ModelRegistry, SigningKeyError, resolve_key
-    from tensorstream.pipeline.runner import _env_key
+    from tensorstream.pipeline.hotswap import env_key as _env_key
     from tensorstream.spec import SpecError, load_spec
 
     try:
         spec = load_spec(spec_path)
     except SpecError as e:
-        _fail(str(e), code=2)
+        fail(str(e), code=2)
     if state_dir:
         spec = spec.model_copy(update={"state_dir": state_dir})
-    servers = _resolve_bootstrap(bootstrap)
+    servers = resolve_bootstrap(bootstrap)
     v = spec.versions
     try:
         key = resolve_key(_env_key(v.key_env), allow_unsigned=v.allow_unsigned)
     except SigningKeyError as e:
-        _fail(str(e))
+        fail(str(e))
     return spec, servers, key, ModelRegistry
 
 
@@ -58,7 +54,6 @@ def list_versions(spec_path: SpecArg, bootstrap_servers: BootstrapOpt = None) ->
     """Every announcement on <pipeline>.models, oldest first; the current one marked."""
     from tensorstream.checkpoint.versions import format_history, format_rejected
 
-    console, out, kafka_settings = _cli().console, _cli().out, _cli().kafka_settings
 
     spec, servers, key, Registry = _open(spec_path, bootstrap_servers, None)
     with kafka_settings(servers) as cfg, Registry(cfg, spec.name, key,
@@ -85,7 +80,6 @@ def show(spec_path: SpecArg, version: Annotated[str, typer.Argument(help="Versio
     """One version's announcement: URL, sha256, metrics, signature."""
     from tensorstream.checkpoint.versions import ModelVersionError, format_announcement
 
-    _fail, out, kafka_settings = _cli()._fail, _cli().out, _cli().kafka_settings
 
     spec, servers, key, Registry = _open(spec_path, bootstrap_servers, None)
     with kafka_settings(servers) as cfg, Registry(cfg, spec.name, key,
@@ -93,7 +87,7 @@ def show(spec_path: SpecArg, version: Annotated[str, typer.Argument(help="Versio
         try:
             ann = reg.find(version)
         except ModelVersionError as e:
-            _fail(str(e))
+            fail(str(e))
         cur = reg.current()
         for k, v in format_announcement(ann, is_current=cur is not None and cur.version == ann.version):
             out.print(f"{k:<12} {v}", highlight=False)
@@ -110,7 +104,6 @@ def promote(
     from tensorstream.checkpoint import CheckpointError, CheckpointStore
     from tensorstream.checkpoint.versions import ModelVersionError
 
-    _fail, console, kafka_settings = _cli()._fail, _cli().console, _cli().kafka_settings
 
     spec, servers, key, Registry = _open(spec_path, bootstrap_servers, state_dir)
     store = CheckpointStore(spec.checkpoint_url, keep_last=None)
@@ -128,7 +121,7 @@ def promote(
             else:
                 ann = reg.promote(version)
         except ModelVersionError as e:
-            _fail(f"{e} (not a checkpoint in {spec.checkpoint_url} either)")
+            fail(f"{e} (not a checkpoint in {spec.checkpoint_url} either)")
     console.print(f"[green]promoted[/] {ann.version} ({ann.url})")
 
 
@@ -137,7 +130,6 @@ def rollback(spec_path: SpecArg, bootstrap_servers: BootstrapOpt = None) -> None
     """Make the previously promoted version current again."""
     from tensorstream.checkpoint.versions import ModelVersionError
 
-    _fail, console, kafka_settings = _cli()._fail, _cli().console, _cli().kafka_settings
 
     spec, servers, key, Registry = _open(spec_path, bootstrap_servers, None)
     with kafka_settings(servers) as cfg, Registry(cfg, spec.name, key,
@@ -145,7 +137,7 @@ def rollback(spec_path: SpecArg, bootstrap_servers: BootstrapOpt = None) -> None
         try:
             ann = reg.rollback()
         except ModelVersionError as e:
-            _fail(str(e))
+            fail(str(e))
     console.print(f"[green]rolled back[/] to {ann.version}")
 
 
@@ -156,11 +148,10 @@ def checkpoints(spec_path: SpecArg,
     from tensorstream.checkpoint import CheckpointStore
     from tensorstream.spec import SpecError, load_spec
 
-    _fail, out = _cli()._fail, _cli().out
     try:
         spec = load_spec(spec_path)
     except SpecError as e:
-        _fail(str(e), code=2)
+        fail(str(e), code=2)
     if state_dir:
         spec = spec.model_copy(update={"state_dir": state_dir})
     infos = CheckpointStore(spec.checkpoint_url, keep_last=None).list(verify=True)

@@ -10,7 +10,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tensorstream.codecs import encode_frame, encode_json
-from tensorstream.datasets import LABEL_FIELD, open_source, source_length
+from tensorstream.data.datasets import LABEL_FIELD, open_source, source_length
 from tensorstream.kafka import KafkaAdmin, KafkaConfig, KafkaSink
 
 

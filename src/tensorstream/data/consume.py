@@ -36,7 +36,7 @@ def consume_records(cfg: KafkaConfig, topic: str, *, group: str | None = None, d
     """Yield one JSON line per record until ``max_records`` or ``idle_timeout`` s without records."""
     if decode not in ("json", "frame", "raw"):
         raise ValueError(f"unknown --decode {decode!r}: use json, frame or raw")
-    src = KafkaSource(cfg, group or f"tensorstream.consume.{uuid.uuid4().hex[:12]}", [topic])
+    src = KafkaSource(cfg, group or f"tensorstream.data.consume.{uuid.uuid4().hex[:12]}", [topic])
     n = 0
     started = last = time.monotonic()
     try:

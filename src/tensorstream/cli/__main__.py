@@ -1,0 +1,5 @@
+"""``python -m tensorstream.cli``."""
+
+from tensorstream.cli import app
+
+app()
