@@ -207,7 +207,7 @@ def test_a_fault_at_each_step_loses_nothing_and_learns_nothing_twice(step, mode,
 
     with monkeypatch.context() as m:
         if step == "process":
-            pipe = Pipeline(spec, kafka_config, commit_interval_s=0.05)
+            pipe = Pipeline(spec, kafka_config, commit_interval_s=0.0)
             if mode == "infer":
                 real_predict = pipe.learner.predict
                 calls = {"n": 0}
@@ -225,7 +225,7 @@ def test_a_fault_at_each_step_loses_nothing_and_learns_nothing_twice(step, mode,
                 pipe.run(until_end=True, timeout=120)
         else:
             faults = _inject(m, step)
-            pipe = Pipeline(spec, kafka_config, commit_interval_s=0.05)
+            pipe = Pipeline(spec, kafka_config, commit_interval_s=0.0)
             if step == "commit":  # refused commits are retried: the run goes on
                 first = pipe.run(until_end=True, timeout=120)
                 assert first.records == N and faults.calls >= 4

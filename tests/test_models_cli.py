@@ -70,3 +70,41 @@ def test_promote_unknown_version_fails_clearly(bad, broker, tmp_path, monkeypatc
     path = write_spec(spec, tmp_path / "spec.yaml")
     res = runner.invoke(app, ["models", "promote", str(path), bad, "-b", broker.bootstrap_servers])
     assert res.exit_code == 1 and bad in res.output
+
+
+def test_a_worker_falls_back_to_the_newest_version_whose_weights_verify(broker, kafka_config, topic_factory,
+                                                                        tmp_path, monkeypatch):
+    """The newest signed version's file is gone: a new worker serves the one before it (it used to die with
+    "no model yet"), and `models list` marks the gone one unavailable and the served one current."""
+    from tensorstream.checkpoint.versions import ModelRegistry
+
+    monkeypatch.setenv("TENSORSTREAM_MODELS_HMAC_KEY", "s" * 32)
+    topic = topic_factory(1, prefix="fallback")
+    base = example_spec("phishing.yaml")
+    name = f"fallback-{topic[-6:]}"
+    train = base.model_copy(update={"name": name, "mode": "train", "sink": None, "state_dir": str(tmp_path / "s"),
+                                    "source": base.source.model_copy(update={"topic": topic})})
+    produce_records(kafka_config, "river:Phishing", topic, limit=400)
+    pipe = Pipeline(train, kafka_config)
+    pipe.run(until_end=True, timeout=120)
+    v1, v2 = tmp_path / "v1.safetensors", tmp_path / "v2.safetensors"
+    pipe.save_state(str(v1))
+    pipe.save_state(str(v2))
+    with ModelRegistry(kafka_config, name) as reg:
+        reg.publish("v1", str(v1))
+        reg.publish("v2", str(v2))
+    v2.unlink()  # the store lost it (or it was never uploaded)
+
+    infer = base.model_copy(update={
+        "name": name, "mode": "infer", "sink": base.sink.model_copy(update={"topic": topic + ".pred"}),
+        "source": base.source.model_copy(update={"topic": topic, "group_id": "infer-" + topic}),
+        "versions": base.versions.model_copy(update={"watch": True})})
+    r = Pipeline(infer, kafka_config).run(until_end=True, timeout=120)
+    assert r.model_version == "v1" and r.predictions == 400
+
+    path = write_spec(infer, tmp_path / "infer.yaml")
+    listing = [line for line in _cli("models", "list", str(path), "-b", broker.bootstrap_servers).splitlines()
+               if "│" in line]
+    row = {v: line for line in listing for v in ("v1", "v2") if f" {v} " in line}
+    assert "unavailable" in row["v2"] and "*" not in row["v2"]
+    assert "*" in row["v1"] and "unavailable" not in row["v1"]

@@ -11,10 +11,10 @@ import orjson
 import pytest
 
 from tensorstream.checkpoint.versions import (
-    ENV_KEY, HISTORY_COLUMNS, ModelAnnouncement, ModelIntegrityError, ModelRegistry, ModelVersionError,
-    ModelWatcher, SigningKeyError, canonical_bytes, format_announcement, format_history, format_rejected,
-    models_topic, resolve_key, sign_fields, verify_fields,
+    ENV_KEY, ModelAnnouncement, ModelIntegrityError, ModelRegistry, ModelVersionError,
+    ModelWatcher, SigningKeyError, canonical_bytes, models_topic, resolve_key, sign_fields, verify_fields,
 )
+from tensorstream.cli.models import HISTORY_COLUMNS, format_announcement, format_history, format_rejected
 from tensorstream.kafka import KafkaSink
 
 KEY = b"test-key-0123456789abcdef"

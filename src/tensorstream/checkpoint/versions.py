@@ -427,6 +427,22 @@ class ModelRegistry(_TopicClient):
         """The effective version: the newest valid announcement (promote or rollback)."""
         return self._read().current
 
+    def serving(self) -> tuple[ModelAnnouncement | None, dict[str, str]]:
+        """What a watching worker serves: the newest version of the lineage whose weights verify
+        (the file is readable and has the signed sha256), and why each newer one is unusable.
+
+        Downloads the state files, newest first, until one verifies.
+        """
+        problems: dict[str, str] = {}
+        for ann in reversed(self._read().lineage):
+            try:
+                fetch_verified(ann)
+            except Exception as e:  # noqa: BLE001 - any reason makes it unusable; the message says which
+                problems[ann.version] = f"{type(e).__name__}: {e}"
+                continue
+            return ann, problems
+        return None, problems
+
     def find(self, version: str) -> ModelAnnouncement:
         """The newest valid announcement of ``version`` (``ModelVersionError`` if none)."""
         return self._find(self._read(), version)
@@ -535,51 +551,3 @@ class ModelWatcher(_TopicClient):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# -- plain rows for the CLI (it renders them) ---------------------------------------
-HISTORY_COLUMNS = ("#", "version", "action", "created_at", "backend", "metrics", "sha256", "current")
-
-
-def _metrics_text(metrics: Mapping[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-
-
-def format_history(history: list[ModelAnnouncement],
-                   current: ModelAnnouncement | None = None) -> list[dict[str, str]]:
-    """``models list``: one row per announcement (keys = ``HISTORY_COLUMNS``), oldest first.
-
-    ``current`` defaults to the last announcement (the effective one).
-    """
-    if current is None and history:
-        current = history[-1]
-    return [{
-        "#": str(i),
-        "version": a.version,
-        "action": a.action,
-        "created_at": a.created_at.isoformat(timespec="seconds"),
-        "backend": a.backend,
-        "metrics": _metrics_text(a.metrics),
-        "sha256": a.sha256[:12],
-        "current": "*" if a == current else "",
-    } for i, a in enumerate(history)]
-
-
-def format_announcement(ann: ModelAnnouncement, *, is_current: bool | None = None) -> list[tuple[str, str]]:
-    """``models show VERSION``: (field, value) pairs, full sha256 and URL included."""
-    rows = [
-        ("pipeline", ann.pipeline), ("version", ann.version), ("action", ann.action),
-        ("url", ann.url), ("sha256", ann.sha256), ("created_at", ann.created_at.isoformat()),
-        ("backend", ann.backend), ("spec_hash", ann.spec_hash),
-    ]
-    rows += [(f"metrics.{k}", f"{v:.6g}") for k, v in sorted(ann.metrics.items())]
-    rows.append(("signed", "yes" if ann.signature else "NO (allow_unsigned)"))
-    if is_current is not None:
-        rows.append(("current", "yes" if is_current else "no"))
-    return rows
-
-
-def format_rejected(rejected: Mapping[str, int]) -> list[tuple[str, int]]:
-    """Reject counts as (reason, count) rows, in ``REJECT_REASONS`` order, zeros left out."""
-    extra = sorted(set(rejected) - set(REJECT_REASONS))
-    return [(r, int(rejected[r])) for r in (*REJECT_REASONS, *extra) if rejected.get(r)]

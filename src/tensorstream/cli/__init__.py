@@ -12,10 +12,12 @@ Importing this package is cheap: frameworks load when a command runs.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
 import typer
+from typer import rich_utils
 
 from tensorstream import __version__
 from tensorstream.bench.command import bench
@@ -23,6 +25,9 @@ from tensorstream.cli import broker, config, data, demo, export, models, run
 from tensorstream.cli.common import fail, out, setup_logging
 from tensorstream.observe.commands import dashboard, report
 from tensorstream.vision import commands as video
+
+if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH") and not os.environ.get("COLUMNS"):
+    rich_utils.MAX_WIDTH = 160  # --help piped or captured: wrap at 160 columns, not rich's 80 (options were cut)
 
 app = typer.Typer(
     name="tensorstream",

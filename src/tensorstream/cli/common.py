@@ -18,8 +18,19 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-console = Console(stderr=True)
-out = Console()
+
+
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    if not c.is_terminal and not os.environ.get("COLUMNS"):
+        # Piped or captured: there is no width to fit, and rich's default of 80 columns would cut
+        # table cells ("unava…"). Tables take their natural width instead.
+        c = Console(stderr=stderr, width=1000)
+    return c
+
+
+console = _console(stderr=True)
+out = _console()
 
 BootstrapOpt = Annotated[
     str | None,

@@ -9,12 +9,14 @@ in between batches. The HMAC key comes from the spec's ``versions.key_env``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from tensorstream.checkpoint.versions import REJECT_REASONS, ModelAnnouncement
 from tensorstream.cli.common import console, fail, kafka_settings, out, resolve_bootstrap
 
 app = typer.Typer(help="Model versions: list, show, promote, rollback.", no_args_is_help=True)
@@ -52,14 +54,14 @@ def _open(spec_path: Path, bootstrap: str | None, state_dir: str | None):  # noq
 @app.command("list")
 def list_versions(spec_path: SpecArg, bootstrap_servers: BootstrapOpt = None) -> None:
     """Every announcement on <pipeline>.models, oldest first; the current one marked."""
-    from tensorstream.checkpoint.versions import format_history, format_rejected
 
 
     spec, servers, key, Registry = _open(spec_path, bootstrap_servers, None)
     with kafka_settings(servers) as cfg, Registry(cfg, spec.name, key,
                                                  allow_unsigned=spec.versions.allow_unsigned) as reg:
         history = reg.history()
-        rows = format_history(history, reg.current())
+        serving, unusable = reg.serving()
+        rows = format_history(history, serving, unusable)
         rejected = format_rejected(reg.rejected)
     if not rows:
         console.print(f"no versions announced on {spec.name}.models")
@@ -78,7 +80,7 @@ def list_versions(spec_path: SpecArg, bootstrap_servers: BootstrapOpt = None) ->
 def show(spec_path: SpecArg, version: Annotated[str, typer.Argument(help="Version id.")],
          bootstrap_servers: BootstrapOpt = None) -> None:
     """One version's announcement: URL, sha256, metrics, signature."""
-    from tensorstream.checkpoint.versions import ModelVersionError, format_announcement
+    from tensorstream.checkpoint.versions import ModelVersionError
 
 
     spec, servers, key, Registry = _open(spec_path, bootstrap_servers, None)
@@ -88,7 +90,7 @@ def show(spec_path: SpecArg, version: Annotated[str, typer.Argument(help="Versio
             ann = reg.find(version)
         except ModelVersionError as e:
             fail(str(e))
-        cur = reg.current()
+        cur, _ = reg.serving()
         for k, v in format_announcement(ann, is_current=cur is not None and cur.version == ann.version):
             out.print(f"{k:<12} {v}", highlight=False)
 
@@ -164,3 +166,54 @@ def checkpoints(spec_path: SpecArg,
                   ", ".join(f"{tp}[{p}]={o}" for (tp, p), o in i.offsets.items()), i.promoted or "",
                   f"{i.metrics['accuracy']:.4f}" if "accuracy" in i.metrics else "")
     out.print(t)
+
+
+# -- plain rows (rendered by the commands above) ---------------------------------------
+HISTORY_COLUMNS = ("#", "version", "action", "created_at", "backend", "metrics", "sha256", "current", "status")
+
+
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def format_history(history: list[ModelAnnouncement], current: ModelAnnouncement | None = None,
+                   unusable: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """``models list``: one row per announcement (keys = ``HISTORY_COLUMNS``), oldest first.
+
+    ``current`` (the version workers serve) defaults to the last announcement; ``unusable``
+    maps versions whose weights do not verify to the reason (shown in ``status``).
+    """
+    unusable = unusable or {}
+    if current is None and history:
+        current = history[-1]
+    return [{
+        "#": str(i),
+        "version": a.version,
+        "action": a.action,
+        "created_at": a.created_at.isoformat(timespec="seconds"),
+        "backend": a.backend,
+        "metrics": _metrics_text(a.metrics),
+        "sha256": a.sha256[:12],
+        "current": "*" if a == current else "",
+        "status": f"unavailable: {unusable[a.version]}"[:80] if a.version in unusable else "",
+    } for i, a in enumerate(history)]
+
+
+def format_announcement(ann: ModelAnnouncement, *, is_current: bool | None = None) -> list[tuple[str, str]]:
+    """``models show VERSION``: (field, value) pairs, full sha256 and URL included."""
+    rows = [
+        ("pipeline", ann.pipeline), ("version", ann.version), ("action", ann.action),
+        ("url", ann.url), ("sha256", ann.sha256), ("created_at", ann.created_at.isoformat()),
+        ("backend", ann.backend), ("spec_hash", ann.spec_hash),
+    ]
+    rows += [(f"metrics.{k}", f"{v:.6g}") for k, v in sorted(ann.metrics.items())]
+    rows.append(("signed", "yes" if ann.signature else "NO (allow_unsigned)"))
+    if is_current is not None:
+        rows.append(("current", "yes" if is_current else "no"))
+    return rows
+
+
+def format_rejected(rejected: Mapping[str, int]) -> list[tuple[str, int]]:
+    """Reject counts as (reason, count) rows, in ``REJECT_REASONS`` order, zeros left out."""
+    extra = sorted(set(rejected) - set(REJECT_REASONS))
+    return [(r, int(rejected[r])) for r in (*REJECT_REASONS, *extra) if rejected.get(r)]

@@ -13,6 +13,7 @@ cover is durable), and turns client errors into exceptions instead of log noise.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,7 @@ class KafkaSource:
         self._consumer: Consumer | None = None
         self.assigned: set[TP] = set()
         self.at_eof: set[TP] = set()
+        self._revoked_pending = False
 
     # -- connection -------------------------------------------------------
     @property
@@ -116,6 +118,7 @@ class KafkaSource:
                     p.offset = off
             consumer.assign(partitions)  # offsets set here override the committed ones
         self.assigned.update(tps)
+        self._revoked_pending = False
         log.info("assigned %s", tps)
         if self._on_assign:
             self._on_assign(tps)
@@ -153,6 +156,7 @@ class KafkaSource:
             self._on_revoke(tps)  # the caller commits what is durable, here, before we let go
         self.assigned.difference_update(tps)
         self.at_eof.difference_update(tps)
+        self._revoked_pending = not self.assigned  # a rebalance is on: an assignment follows
 
     # -- reading ----------------------------------------------------------
     def _on_error(self, err: KafkaError) -> None:
@@ -234,9 +238,21 @@ class KafkaSource:
         """For ``send_offsets_to_transaction`` (exactly-once mode)."""
         return self.consumer.consumer_group_metadata()
 
-    def close(self) -> None:
+    def close(self, settle_s: float = 10.0) -> None:
+        """Leave the group now, so the others rebalance at once.
+
+        Closing in the middle of a rebalance (our partitions revoked, the new
+        assignment not yet received) is deferred until that assignment arrives,
+        at most ``settle_s`` seconds: the embedded Tansu broker was seen to keep
+        such a group from ever completing another join. Records polled meanwhile
+        are dropped (never processed: they stay uncommitted).
+        """
         if self._consumer is not None:
-            self._consumer.close()  # leaves the group now, so the others rebalance at once
+            if self._revoked_pending and settle_s > 0:
+                deadline = time.monotonic() + settle_s
+                while self._revoked_pending and time.monotonic() < deadline:
+                    self._consumer.poll(0.1)
+            self._consumer.close()
             self._consumer = None
         self.assigned.clear()
 
