@@ -83,6 +83,9 @@ class SourceSpec(_Strict):
     codec: Literal["json", "frame", "avro", "avro-registry"] = "json"
     group_id: str | None = None  # default: "tensorstream.<pipeline name>"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    #: create the source topic (and the labels topic) when missing; by default a missing source
+    #: topic stops the run before it starts (a typo would otherwise wait forever on an empty topic)
+    create: bool = False
     #: field of a tensor-frame record holding the features (frame codec only)
     frame_field: str | None = None
     #: Avro schema, inline or a ``.avsc`` path (relative to the working directory): the
@@ -178,6 +181,10 @@ class LabelSpec(_Strict):
     classes: list[Any] | None = None
     #: output width when the class set grows (ignored when classes is given)
     max_classes: int = Field(default=2, ge=2, le=100_000)
+    #: training stops (non-zero exit) when this many records in a row came without the label
+    #: field and none with it: a misspelt ``field`` must not look like a run (0: never stop;
+    #: a warning comes after 100). Labels from a second topic (``labels:``) are not counted.
+    missing_limit: int = Field(default=1000, ge=0)
 
     @property
     def n_outputs(self) -> int:
@@ -559,6 +566,8 @@ class PipelineSpec(_Strict):
         part = self.model_dump(include={"features", "label", "model", "backend"})
         part["model"].pop("weights", None)
         part["model"].pop("threads", None)
+        if part.get("label"):
+            part["label"].pop("missing_limit", None)  # a run-time guard, not part of the model
         return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

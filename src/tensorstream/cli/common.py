@@ -73,7 +73,7 @@ def fail(msg: str, code: int = 1) -> NoReturn:
     if console.quiet:  # --quiet / --log-format json: errors still go out, as a log record
         logging.getLogger("tensorstream").error(msg)
     else:
-        console.print(f"[bold red]error:[/] {msg}", highlight=False)
+        console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)  # one line, whatever the width
     raise typer.Exit(code)
 
 
@@ -98,6 +98,10 @@ def resolve_bootstrap(bootstrap: str | None, *, allow_embedded: bool = False) ->
     return None  # unreachable
 
 
+#: how long commands wait for a configured broker to answer before saying it is unreachable
+PREFLIGHT_S = 5.0
+
+
 @contextmanager
 def kafka_settings(bootstrap: str | None, *, allow_embedded: bool = True) -> Iterator[Any]:
     """Yield a KafkaConfig; start an embedded broker when none is configured."""
@@ -109,6 +113,12 @@ def kafka_settings(bootstrap: str | None, *, allow_embedded: bool = True) -> Ite
         cfg = KafkaConfig.from_env(servers)
         if local and cfg.session_timeout_ms is None:
             cfg = cfg.model_copy(update={"session_timeout_ms": 6000, "heartbeat_interval_ms": 500})
+        from tensorstream.kafka.preflight import BrokerUnreachable, check_broker
+
+        try:  # one sentence within seconds, instead of a client retrying (and logging) forever
+            check_broker(cfg, timeout=PREFLIGHT_S)
+        except BrokerUnreachable as e:
+            fail(str(e))
         yield cfg
         return
     try:

@@ -54,6 +54,8 @@ def run(
         help="Training: start N local ranks of one data-parallel job (torch.distributed / tf.distribute; rank r "
              "reads partitions p % N == r; docs/distributed.md).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on stdout.")] = False,
+    allow_empty: Annotated[bool, typer.Option(
+        "--allow-empty", help="With --until-end: a run that read no record is a success (else it fails).")] = False,
 ) -> None:
     """Run a pipeline: train, infer or both, with a live progress line. Ctrl-C stops cleanly.
 
@@ -83,13 +85,15 @@ def run(
         _run_one(spec, control, engine, bootstrap_servers=bootstrap_servers, produce_from=produce_from, limit=limit,
                  until_end=until_end, max_records=max_records, timeout=timeout, result_json=result_json,
                  save_state=save_state, state_dir=state_dir, metrics_port=metrics_port, metrics_host=metrics_host,
-                 dashboard=dashboard, dashboard_port=dashboard_port, run_dir=run_dir, as_json=as_json)
+                 dashboard=dashboard, dashboard_port=dashboard_port, run_dir=run_dir, as_json=as_json,
+                 allow_empty=allow_empty)
 
 
 def _run_one(spec: Any, control: Any, engine: list[Any], *, bootstrap_servers: str | None, produce_from: str | None,
              limit: int | None, until_end: bool, max_records: int | None, timeout: float | None,
              result_json: Path | None, save_state: str | None, state_dir: str | None, metrics_port: int | None,
-             metrics_host: str, dashboard: bool, dashboard_port: int, run_dir: Path | None, as_json: bool) -> None:
+             metrics_host: str, dashboard: bool, dashboard_port: int, run_dir: Path | None, as_json: bool,
+             allow_empty: bool = False) -> None:
     from tensorstream.checkpoint import CheckpointError, StateFileError
     from tensorstream.data.produce import produce_records
     from tensorstream.pipeline import Pipeline, PipelineError, Progress
@@ -140,6 +144,11 @@ def _run_one(spec: Any, control: Any, engine: list[Any], *, bootstrap_servers: s
                 views.close()
                 pipe.obs.close()
     print_result(result, as_json=as_json)
+    if until_end and result.records == 0 and not allow_empty:
+        starts = {f"{t}[{p}]": o for (t, p), o in pipe.start_positions.items()}
+        fail(f"read no record from {spec.source.topic!r} (--until-end): it is empty, or group {spec.group_id} had "
+             f"already processed it to its end (started at {starts or 'nothing assigned'}). Use another "
+             "source.group_id (or state_dir) to start over, or --allow-empty if an empty run is fine.")
     if result_json:
         result_json.write_text(json.dumps(result.to_dict(), indent=2))
     if result.last_checkpoint:

@@ -232,7 +232,7 @@ class DeliveryEngine:
         with self._lock:
             if self.failure is None:
                 self.failure = cause
-                log.error("delivery failed: %s; nothing past offsets %s will be committed", cause, self.committed)
+                log.error("stopping: %s; nothing past offsets %s will be committed", cause, self.committed)
         return DeliveryFailed(str(self.failure))
 
     def flush(self) -> None:

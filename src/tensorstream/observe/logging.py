@@ -79,6 +79,49 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class RepeatFilter(logging.Filter):
+    """Summarises floods: a message seen again within ``window_s`` seconds (digits ignored, so
+    ports, counters and durations do not make it new) is held back and counted; the next one let
+    through after the window says how many were held back.
+
+    librdkafka retries a dead broker every few milliseconds and logs every attempt: without this a
+    run against a stopped broker prints hundreds of identical "Connection refused" lines.
+
+    >>> f = RepeatFilter(window_s=60)
+    >>> rec = lambda m: logging.LogRecord("tensorstream.kafka.source", logging.ERROR, "x", 0, m, None, None)
+    >>> [f.filter(rec(f"Connect to 127.0.0.1:{p} failed")) for p in (1, 2, 3)]
+    [True, False, False]
+    >>> f.held
+    2
+    """
+
+    def __init__(self, window_s: float = 30.0, prefix: str = "tensorstream.kafka") -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.prefix = prefix
+        self._seen: dict[str, tuple[float, int]] = {}
+        self.held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = "".join("#" if c.isdigit() else c for c in record.getMessage())
+        now = time.monotonic()
+        first, count = self._seen.get(key, (None, 0))
+        if first is not None and now - first < self.window_s:
+            self._seen[key] = (first, count + 1)
+            self.held += 1
+            return False
+        if count:
+            record.msg = f"{record.getMessage()} (and {count} more like it in the last {self.window_s:.0f}s)"
+            record.args = None
+        self._seen[key] = (now, 0)
+        if len(self._seen) > 1000:  # bounded: forget the oldest kinds
+            for k in sorted(self._seen, key=lambda k: self._seen[k][0])[:500]:
+                del self._seen[k]
+        return True
+
+
 def announce(text: str, **fields: Any) -> None:
     """A line the user asked for (e.g. the dashboard URL): shown even with ``--quiet``; a JSON
     object with ``--log-format json``."""
@@ -102,6 +145,7 @@ def configure(*, verbose: bool = False, fmt: str = "text", quiet: bool = False, 
     _handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     _handler.setFormatter(JsonFormatter() if fmt == "json" else
                           logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _handler.addFilter(RepeatFilter())
     root.addHandler(_handler)
     root.setLevel(logging.WARNING if quiet or not verbose else logging.INFO)
     # JSON mode: progress lines are the production replacement of the live display.

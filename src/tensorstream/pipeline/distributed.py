@@ -483,10 +483,8 @@ class DistributedTrainer:
     def run(self, *, max_records: int | None = None, until_end: bool = False, timeout: float | None = None,
             idle_timeout: float | None = None) -> RunResult:
         pipe, spec = self.pipe, self.pipe.spec
+        pipe.preflight()  # the broker answers, the source topic exists (or source.create)
         admin = KafkaAdmin(pipe.kafka)
-        admin.ensure_topic(spec.source.topic)
-        if spec.sink is not None:
-            admin.ensure_topic(spec.sink.topic)
         self._n_partitions = admin.list_topics().get(spec.source.topic, 1)
         owned = owned_partitions(self._n_partitions, self.rank, self.world_size)
         if not owned:

@@ -38,6 +38,7 @@ from tensorstream.checkpoint import CheckpointError, CheckpointStore, StateFileE
 from tensorstream.codecs import DecodeError, get_codec
 from tensorstream.delivery import BadRateGuard, DeadLetters, DeliveryEngine, RunControl
 from tensorstream.kafka import TP, KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
+from tensorstream.kafka.preflight import BrokerUnreachable, check_broker, missing_topics
 from tensorstream.learn import OnlineLearner
 from tensorstream.observe.metrics import PipelineMetrics
 from tensorstream.pipeline.batching import next_batch
@@ -109,6 +110,10 @@ class Pipeline:
         self._ckpt_t = time.monotonic()
         self._last_commit = time.perf_counter()
         self._in_txn = False
+        #: where each partition started in this run (None: auto_offset_reset), for messages
+        self.start_positions: dict[TP, int | None] = {}
+        self._watch_labels = spec.trains and spec.label is not None and spec.labels is None
+        self._warned_labels = False
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand, checkpoint, commit and return."""
@@ -201,15 +206,14 @@ class Pipeline:
         ``versions``: open the models topic (announce or watch) as the spec says.
         """
         spec = self.spec
+        self.preflight()
         admin = KafkaAdmin(self.kafka)
-        for topic in (spec.source.topic, spec.sink.topic if spec.sink else None,
-                      spec.labels.topic if spec.labels else None,
-                      self.events.topic if self.learner.drift.enabled else None):
+        for topic in (spec.sink.topic if spec.sink else None, self.events.topic if self.learner.drift.enabled else None):
             if topic is not None:
                 admin.ensure_topic(topic)
         self.source = source or KafkaSource(
             self.kafka, spec.group_id, [spec.source.topic, *([spec.labels.topic] if spec.labels else [])],
-            auto_offset_reset=spec.source.auto_offset_reset, on_revoke=self._on_revoke,
+            auto_offset_reset=spec.source.auto_offset_reset, on_revoke=self._on_revoke, on_assign=self._on_assign,
             start_offsets=self.engine.start_offset if spec.trains else None,
             **_fetch_wait(spec.source.fetch_wait_ms, self.kafka))
         self.sink = sink or KafkaSink(self.kafka, transactional_id=(
@@ -230,6 +234,26 @@ class Pipeline:
             self.versions.open(have_model=self.learner.built)
         except NoModelError as e:
             raise PipelineError(str(e)) from None
+
+    def preflight(self, timeout: float = 5.0) -> None:
+        """Before the first record: the broker answers, and the source topics exist (or ``source.create``).
+
+        Raises :class:`PipelineError` with one sentence otherwise (within ``timeout`` seconds).
+        """
+        spec = self.spec
+        try:
+            existing = check_broker(self.kafka, timeout)
+        except BrokerUnreachable as e:
+            raise PipelineError(str(e)) from None
+        sources = [spec.source.topic, *([spec.labels.topic] if spec.labels is not None else [])]
+        missing = missing_topics(existing, sources)
+        if missing and not spec.source.create:
+            raise PipelineError(
+                f"source topic {', '.join(map(repr, missing))} does not exist on {self.kafka.bootstrap_servers}: "
+                "check source.topic, produce to it first, or set source.create: true")
+        admin = KafkaAdmin(self.kafka)
+        for topic in missing:
+            admin.ensure_topic(topic)
 
     # LoopWorker (pipeline/loop.py)
     def before_batch(self) -> None:
@@ -302,6 +326,8 @@ class Pipeline:
                 self._dead_letter(rec, "decode_error", str(e))
         if decoded:
             self._learn_or_predict(decoded, keep, batch)
+            if self._watch_labels:
+                self._check_labels(decoded)
         if label_recs:
             self._process_labels(label_recs, batch)
         self.counters.records += len(batch)
@@ -328,6 +354,25 @@ class Pipeline:
             self._dead_letter(keep[b.index], b.error_type, b.message)
         if self.spec.sink is not None:
             self._emit(keep, outcome.predictions, version)
+
+    def _check_labels(self, decoded: list[Any]) -> None:
+        """Training on labels in the records, and none seen yet: warn, then stop (a misspelt label.field
+        must not run as an untrained model printing metrics of 0)."""
+        learner, lab = self.learner, self.spec.label
+        assert lab is not None
+        if learner.n_learned:
+            self._watch_labels = False
+            return
+        n = learner.n_unlabelled
+        fields = sorted(decoded[0])[:12] if isinstance(decoded[0], dict) else []
+        have = f" (records have: {', '.join(map(str, fields))})" if fields else ""
+        if lab.missing_limit and n >= lab.missing_limit:
+            raise PipelineError(
+                f"none of the first {n} records has the label field {lab.field!r}{have}: fix label.field "
+                "(dotted paths reach nested fields), or set label.missing_limit: 0 if labels come later")
+        if n >= min(100, lab.missing_limit or 100) and not self._warned_labels:
+            self._warned_labels = True
+            log.warning("%d records and none has the label field %r%s; nothing is learned", n, lab.field, have)
 
     def _process_labels(self, recs: list[Record], batch: list[Record]) -> None:
         """Delayed labels: decode, join to the waiting predictions, learn."""
@@ -414,6 +459,27 @@ class Pipeline:
             raise  # nothing committed: a restart re-processes the aborted window
         finally:
             self._in_txn = False
+
+    def _on_assign(self, tps: list[TP]) -> None:
+        """Say where each newly assigned partition starts, and why (a checkpoint, the group's commit)."""
+        ours = {tp: self.engine.start_offset(tp) for tp in tps}
+        fresh = [tp for tp, off in ours.items() if off is None]
+        committed: dict[TP, int | None] = {}
+        if fresh:
+            try:
+                committed = self.source.committed(fresh, timeout=5)
+            except Exception as e:  # noqa: BLE001 - only a message depends on it
+                log.debug("could not read the committed offsets of %s: %s", fresh, e)
+        where = {f"{t}[{p}]": (off if off is not None else committed.get((t, p))) for (t, p), off in ours.items()}
+        self.start_positions.update({tp: where[f"{tp[0]}[{tp[1]}]"] for tp in tps})
+        if self.spec.trains and any(committed.get(tp) is not None for tp in fresh):
+            log.warning("group %s already committed offsets %s, but %s holds no checkpoint of them: training "
+                        "starts there with a model that never saw the records before (use another state_dir, "
+                        "or another source.group_id to start from the beginning)", self.spec.group_id,
+                        {k: v for k, v in where.items() if v is not None}, self.spec.checkpoint_url)
+        else:
+            log.info("group %s starts at %s (%s)", self.spec.group_id, where,
+                     "checkpoint" if not fresh else "committed offsets, else auto_offset_reset")
 
     def _on_revoke(self, tps: list[TP]) -> None:
         # Persist and commit what we have for the partitions we lose, before the
