@@ -47,6 +47,8 @@ class TorchDDPBackend(TorchBackend):
 
     name = "torch"  # same model, same state names: its checkpoints load into TorchBackend
     engine = "torch"
+    #: steps are collective (every rank in lock-step): no per-record loop, no per-row retry
+    sequential = False
 
     def __init__(self) -> None:
         self.rank, self.world_size = 0, 1
@@ -97,6 +99,10 @@ class TorchDDPBackend(TorchBackend):
         x, y = common.check_batch(x, y, self._n_features, self._n_outputs, self._task)
         return self._step(x, y)
 
+    def train_guarded(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
+        # A refused step is refused on every rank (the gradients are all-reduced), with no per-row retry.
+        return self.train_step(x, y), None
+
     def empty_step(self) -> None:
         """Join this step's all-reduces with no rows (a rank that has nothing to learn)."""
         self._step(None, None)
@@ -129,10 +135,7 @@ class TorchDDPBackend(TorchBackend):
             for _, p, _ in self._params:
                 if p.grad is not None:
                     p.grad.mul_(self.world_size / total)
-        if wd := self._opt_spec.weight_decay:
-            with torch.no_grad():
-                for _, p, _ in self._params:
-                    p.sub_(p * wd * self._opt_spec.lr)
+        # Weight decay and the finiteness guard are the optimizer's; the gradients are the same
+        # on every rank here, so every rank takes (or refuses) the step alike.
         self._opt.step()
-        self._steps += 1
         return float(summed.detach()) / n if n else math.nan
