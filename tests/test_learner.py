@@ -127,7 +127,7 @@ def test_fake_backend_satisfies_the_protocol():
 
 
 def test_first_batch_is_predicted_by_the_untrained_model_then_learned():
-    spec = make_spec()
+    spec = make_spec(learn={"learning": "mini_batch"})
     backend = FakeBackend()
     learner = OnlineLearner(spec, backend)
     recs = stream(8)
@@ -215,7 +215,8 @@ def test_growing_classes_a_new_class_is_not_handed_to_its_own_prediction():
 
 
 def test_regression():
-    spec = make_spec(label={"field": "y", "task": "regression"}, model={"kind": "linear", "optimizer": {"lr": 0.1}})
+    spec = make_spec(label={"field": "y", "task": "regression"}, model={"kind": "linear", "optimizer": {"lr": 0.1}},
+                     learn={"learning": "mini_batch"})
     rng = np.random.default_rng(0)
     recs = [{"a": float(a), "y": float(3 * a + 1)} for a in rng.normal(size=400)]
     learner = OnlineLearner(spec, FakeBackend())
@@ -355,10 +356,15 @@ def test_replay_adds_past_records_to_each_step():
             sizes.append(len(x))
             return super().train_step(x, y)
 
-    learner = OnlineLearner(make_spec(), Recording(), replay=3)
+    learner = OnlineLearner(make_spec(learn={"learning": "mini_batch"}), Recording(), replay=3)
     for batch in batches(stream(12), 4):
         learner.process(batch)
     assert sizes == [4, 7, 7]  # nothing to replay before the first batch
+    sizes.clear()  # per record: one step per record, the first alone, then with 3 replayed rows
+    learner = OnlineLearner(make_spec(), Recording(), replay=3)
+    for batch in batches(stream(12), 4):
+        learner.process(batch)
+    assert sizes == [1] + [4] * 11
 
 
 # --------------------------------------------------- the examples, in memory

@@ -172,12 +172,35 @@ class FeatureSpec(_Strict):
 
 
 class LabelSpec(_Strict):
+    """The label: where it is in a record, and what the model learns from it."""
+
+    #: the label's field; a dotted path reads nested mappings (``target.value``), but a
+    #: key that exists literally with the dots wins
     field: str = Field(min_length=1)
     task: Literal["classification", "regression"] = "classification"
     #: fixed class set (labels outside it are bad records); None = growing set
     classes: list[Any] | None = None
     #: output width when the class set grows (ignored when classes is given)
     max_classes: int = Field(default=2, ge=2, le=100_000)
+    #: regression: the model learns the target standardised with running statistics
+    #: (checkpointed); predictions and metrics are turned back into the target's units.
+    #: None (default): on for ``model.kind: mlp``, off otherwise. An MLP's output starts
+    #: near 0 with unit-scale weights and Adam moves it by about ``lr`` per step, so a
+    #: target of mean 20 takes thousands of records just to reach its mean (measured
+    #: before this switch: MAE 3.66 where predicting the mean gives 1.57)
+    standardize: bool | None = None
+
+    def scales_target(self, model: ModelSpec) -> bool:
+        """Whether the regression target is standardised for ``model`` (see ``standardize``)."""
+        if self.task != "regression":
+            return False
+        return self.standardize if self.standardize is not None else model.kind == "mlp"
+
+    @model_validator(mode="after")
+    def _standardize_is_for_regression(self) -> LabelSpec:
+        if self.standardize and self.task != "regression":
+            raise ValueError("standardize applies to a regression target (task: regression)")
+        return self
 
     @property
     def n_outputs(self) -> int:
@@ -253,6 +276,17 @@ class ModelSpec(_Strict):
 
 class LearnSpec(_Strict):
     """Online-learning options beyond the model itself."""
+
+    #: ``per_record``: every record is predicted by the model that learned all records
+    #: before it (in its batch too), then learned with its own optimizer step, the whole
+    #: batch in one compiled call (TorchScript / an XLA while loop); the batch size only
+    #: changes the speed: predictions equal those at batch 1. ``mini_batch``: a batch is
+    #: predicted by the model as it was before the batch, then learned in one step.
+    #: Default ``per_record``: on River's Phishing and Agrawal it keeps batch-1 accuracy
+    #: at any batch size, at several times the speed of batch-1 mini-batches; mini-batches
+    #: of 64 are faster still but lose accuracy on short streams (Phishing: 0.83 vs 0.89;
+    #: figures in docs/benchmarks.md). Data-parallel training always learns mini-batches.
+    learning: Literal["per_record", "mini_batch"] = "per_record"
 
     #: experience replay: each train step also learns this many records drawn
     #: (seeded) from a buffer of recently learned ones; 0 = off. Helps small

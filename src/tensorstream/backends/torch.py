@@ -87,6 +87,11 @@ class TorchBackend:
         self._activation = model.activation
         if model.threads is not None:
             torch.set_num_threads(model.threads)  # process-wide: torch has no per-model setting
+        # Flush denormals to zero (process-wide, as TensorFlow does on its own threads): Adam's
+        # moments of weights whose gradient stays 0 (a dead ReLU unit) decay into the denormal
+        # range within a few thousand steps, where x86 arithmetic is ~100x slower; measured: the
+        # optimizer step went from 8 to 40 us per record on a 7k-weight MLP after 20k records.
+        torch.set_flush_denormal(True)
         torch.manual_seed(model.seed)  # dropout & co. in user models; built-ins are fully numpy-initialised
         if common.is_builtin(model):
             self._module, self._params = _builtin(model, n_features, n_outputs)

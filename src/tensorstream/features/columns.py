@@ -32,6 +32,7 @@ from tensorstream.features.records import FLOAT32_MAX
 #: the scalar types the fast path converts itself; anything else goes the per-record way
 _PLAIN = frozenset({float, int, bool})
 _STR = frozenset({str})
+_KEYS = frozenset({str, int})  # bool is not int here: type(True) is bool
 
 
 class _Missing:
@@ -118,15 +119,20 @@ def numeric_columns(records: Sequence[Any], fields: Sequence[FieldPath]) -> tupl
     return values, ok
 
 
-def category_columns(records: Sequence[Any], fields: Sequence[FieldPath]) -> tuple[list[list[Any]], np.ndarray]:
-    """``(columns of keys, ok bool [n])``: string values are their own keys (the common case);
-    rows holding anything else are flagged for the per-record path."""
+def category_columns(records: Sequence[Any], fields: Sequence[FieldPath]) -> tuple[list[list[str]], np.ndarray]:
+    """``(columns of keys, ok bool [n])``: strings are their own keys and ints their decimal
+    form (``category_key``'s rules for them); rows holding anything else are flagged for the
+    per-record path."""
     n = len(records)
     ok = np.ones(n, dtype=bool)
-    cols = [f.column(records) for f in fields]
-    for col in cols:
-        if not set(map(type, col)) <= _STR:
-            ok &= np.fromiter((type(v) is str for v in col), dtype=bool, count=n)
+    cols = []
+    for f in fields:
+        col = f.column(records)
+        types = set(map(type, col))
+        if not types <= _KEYS:
+            ok &= np.fromiter((type(v) in _KEYS for v in col), dtype=bool, count=n)
+            col = [v if type(v) in _KEYS else "" for v in col]
+        cols.append(col if types <= _STR else list(map(str, col)))
     return cols, ok
 
 
