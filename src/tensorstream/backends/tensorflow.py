@@ -254,25 +254,28 @@ class TensorflowBackend:
     def train_guarded(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
         """One step on the batch; rows with a non-finite loss or gradient are left out (and returned)."""
         x, y = common.check_batch(x, y, self._n_features, self._n_outputs, self._task)
+        loss, ok = self._guarded_step(x, y)
+        if ok:
+            return loss, None
+        # Rare: find the rows that make the step non-finite, then step on the others only
+        # (dropped, not weighted 0: 0 * NaN is NaN).
+        refused = np.array([not bool(self._row_ok_fn(x[i:i + 1], y[i:i + 1])) for i in range(len(x))])
+        if refused.all():
+            return math.nan, refused
+        loss, ok = self._guarded_step(x[~refused], y[~refused])
+        if not ok:  # finite rows one by one, but not together: learn none of them
+            return math.nan, np.ones(len(x), dtype=bool)
+        return loss, refused
+
+    def _guarded_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
         n = x.shape[0]
         w = np.ones(self._padded(n), np.float32)
         if (cap := w.shape[0]) != n:
             w[n:] = 0.0
             x = np.concatenate([x, np.zeros((cap - n, x.shape[1]), np.float32)])
             y = np.concatenate([y, np.zeros(cap - n, y.dtype)])  # class 0 / target 0, masked out
-        xt, yt = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
-        loss, ok = self._train_cf(xt, yt, tf.convert_to_tensor(w))
-        if bool(ok):
-            return float(loss), None
-        # Rare: find the rows that make the step non-finite, then step on the others only (weight 0).
-        refused = np.array([not bool(self._row_ok_fn(x[i:i + 1], y[i:i + 1])) for i in range(n)])
-        if refused.all():
-            return math.nan, refused
-        w[:n] = (~refused).astype(np.float32)
-        loss, ok = self._train_cf(xt, yt, tf.convert_to_tensor(w))
-        if not bool(ok):  # finite rows one by one, but not together: learn none of them
-            return math.nan, np.ones(n, dtype=bool)
-        return float(loss), refused
+        loss, ok = self._train_cf(tf.convert_to_tensor(x), tf.convert_to_tensor(y), tf.convert_to_tensor(w))
+        return float(loss), bool(ok)
 
     def learn_sequential(self, x: np.ndarray, y: np.ndarray, learn: np.ndarray | None = None,
                          replay: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> SequentialResult:

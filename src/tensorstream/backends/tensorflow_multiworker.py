@@ -48,6 +48,8 @@ class TensorflowMultiWorkerBackend(TensorflowBackend):
 
     name = "tensorflow"  # same model, same state names: its checkpoints load into TensorflowBackend
     engine = "tensorflow"
+    #: steps are collective (every rank in lock-step): no per-record loop, no per-row retry
+    sequential = False
 
     def __init__(self) -> None:
         self.rank, self.world_size = 0, 1
@@ -139,6 +141,10 @@ class TensorflowMultiWorkerBackend(TensorflowBackend):
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         x, y = common.check_batch(x, y, self._n_features, self._n_outputs, self._task)
         return self._step(x, y)
+
+    def train_guarded(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
+        # No finiteness guard across ranks yet (the replica step applies the optimizer itself).
+        return self.train_step(x, y), None
 
     def empty_step(self) -> None:
         """Join this step's all-reduces with no rows (a rank that has nothing to learn)."""

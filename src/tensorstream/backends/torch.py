@@ -152,8 +152,8 @@ class TorchBackend:
         refused = np.array([not self._row_ok(xt[i:i + 1], target[i:i + 1]) for i in range(len(x))])
         if refused.all():
             return math.nan, refused
-        w = torch.from_numpy((~refused).astype(np.float32))
-        loss = self._loss_of(self._forward(xt), target, w)
+        keep = torch.from_numpy(np.flatnonzero(~refused))  # dropped, not weighted 0: 0 * NaN is NaN
+        loss = self._loss_of(self._forward(xt[keep]), target[keep])
         self._opt.zero_grad()
         loss.backward()
         if not self._opt.step(loss):  # finite rows one by one, but not together: learn none of them
