@@ -212,8 +212,9 @@ class TensorflowBackend:
                      tf.TensorSpec([], tf.int32)]
             try:
                 cf = tf.function(self._sequence, input_signature=specs, jit_compile=True).get_concrete_function()
-                self._seq_call(cf, *self._padded_chunk(np.zeros((1, m, d), np.float32), np.zeros((1, m), y_dtype.as_numpy_dtype),
-                                                        np.zeros((1, m), np.float32), np.zeros(1, bool)))
+                zeros = (np.zeros((1, m, d), np.float32), np.zeros((1, m), y_dtype.as_numpy_dtype),
+                         np.zeros((1, m), np.float32), np.zeros(1, bool))
+                self._seq_call(cf, *self._padded_chunk(*zeros))  # compiles now: a failure falls back
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, ValueError) as err:
                 log.warning("XLA cannot compile the per-record loop for this model (%s); using tf.function", err)
                 cf = tf.function(self._sequence, input_signature=specs).get_concrete_function()

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,56 +46,18 @@ from tensorstream.features.labels import LabelEncoder
 from tensorstream.features.records import BadRecord
 from tensorstream.features.scaler import RunningStandardizer
 from tensorstream.features.transform import FeaturePipeline
-from tensorstream.learn.delayed import LabelJoin, Match
+from tensorstream.learn.delayed import LabelJoin, features_step, labels_step
 from tensorstream.learn.drift import DriftMonitor, signal_values
 from tensorstream.learn.metrics import PrequentialMetrics
 from tensorstream.learn.policies import make_policy
 from tensorstream.learn.replay import ReplayBuffer
-from tensorstream.learn.sequence import known_before, learn_sequence, predicted_index
+from tensorstream.learn.outcome import BatchOutcome
+from tensorstream.learn.sequence import predicted_index
 from tensorstream.learn.state import learner_state, load_learner_state
+from tensorstream.learn.steps import learn_batch, learn_in_turn
 from tensorstream.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BatchOutcome:
-    """What one batch produced.
-
-    ``predictions[i]`` belongs to input record ``i``: ``{"label": <original
-    label>, "proba": [p_0, ..., p_{n_outputs-1}]}`` for classification (``proba``
-    in class-index order, see ``OnlineLearner.classes``), ``{"value": float}``
-    for regression (original units), ``None`` for a record whose features or
-    label were bad. ``bad`` lists the bad records: feature or label problems
-    (neither scored nor learned), and ``non_finite_update``: records that were
-    predicted (and scored, if the prediction is finite) but whose update was
-    refused because its loss or gradient was not finite; they are not learned.
-    ``unlabelled`` are indices predicted but not scored/learned because the
-    label field was absent. ``loss`` is the mean train loss of the records
-    learned (None when nothing was learned; in the model's units, i.e. of the
-    standardised target when the target is scaled), ``n_learned`` the number of
-    records learned from this batch.
-
-    The same predictions as arrays, for building outputs per batch: ``rows``
-    (int64, the input index of each predicted record), ``proba`` (float32
-    ``[len(rows), n_outputs]``, classification; None for regression) and
-    ``predicted`` (class index per row, -1 before any class is known; or the
-    regression value, float64).
-    """
-
-    predictions: list[dict[str, Any] | None]
-    bad: list[BadRecord] = field(default_factory=list)
-    loss: float | None = None
-    n_learned: int = 0
-    n_scored: int = 0
-    unlabelled: list[int] = field(default_factory=list)
-    #: drift / challenger events (``type``: drift, challenger_started, promotion,
-    #: challenger_dropped); ``index`` (when present) is the input record that
-    #: revealed it
-    events: list[dict[str, Any]] = field(default_factory=list)
-    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    proba: np.ndarray | None = None
-    predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class OnlineLearner:
@@ -323,7 +284,7 @@ class OnlineLearner:
             return BatchOutcome([None] * n, sorted(bad, key=lambda b: b.index), None, 0, 0, unlabelled)
         self._ensure_built()
         if sequential:
-            P, yhat, loss, learned, refused, targets = self._learn_in_turn(X, y_rows, labelled, n_known)
+            P, yhat, loss, learned, refused, targets = learn_in_turn(self, X, y_rows, labelled, n_known)
         else:  # 1. test: predict with the model as it was before this batch
             P, yhat = self._predict_rows(X, n_known)
         # 2. score (3. learn, for mini-batches)
@@ -333,7 +294,7 @@ class OnlineLearner:
             loss, learned, refused = None, np.zeros(len(X), dtype=bool), np.zeros(len(X), dtype=bool)
             targets = y_rows
             if train:
-                loss, ok, targets_l = self._learn_batch(X[labelled], y_rows[labelled])
+                loss, ok, targets_l = learn_batch(self, X[labelled], y_rows[labelled])
                 learned[labelled], refused[labelled] = ok, ~ok
                 targets = np.zeros(len(X), targets_l.dtype)
                 targets[labelled] = targets_l
@@ -344,45 +305,6 @@ class OnlineLearner:
         return self._outcome(n, good_idx, P, yhat, bad=sorted(bad, key=lambda b: b.index), loss=loss,
                              n_learned=int(learned.sum()), n_scored=int(scored.sum()), unlabelled=unlabelled,
                              events=events)
-
-    def _learn_in_turn(self, X: np.ndarray, y: np.ndarray, labelled: np.ndarray, n_known: int
-                       ) -> tuple[np.ndarray, np.ndarray, float | None, np.ndarray, np.ndarray, np.ndarray]:
-        """Per-record test-then-train of the rows ``X``: ``(P, yhat, loss, learned, refused, model targets)``."""
-        target, stats = self._targets(y, labelled)
-        replay, slots = None, None
-        if self.replay.k and labelled.any():
-            draws, slots = self.replay.sample_steps(X[labelled], y[labelled])
-            rx, ry, rw = (np.zeros((len(X), *a.shape[1:]), a.dtype) for a in draws)
-            rx[labelled], ry[labelled], rw[labelled] = draws
-            if stats is not None:  # replayed targets are kept raw: scaled like the row they are learned with
-                ry = (ry - stats[0][1:, None]) / stats[1][1:, None]
-            replay = (rx, ry.astype(target.dtype), rw)
-        res = learn_sequence(self.backend, X, target, labelled, replay)
-        P = np.asarray(res.out)
-        refused = labelled & res.skipped
-        learned = labelled & ~refused
-        if slots is not None and refused.any():
-            self.replay.discard(slots[refused[labelled]])
-        if self.task == "regression":
-            yhat = self.values_of(P, None if stats is None else (stats[0][:-1], stats[1][:-1]))
-        else:
-            yhat = predicted_index(P, known_before(y, labelled, n_known))
-        loss = float(np.mean(res.loss[learned])) if learned.any() else None
-        self.n_learned += int(learned.sum())
-        return P, yhat, loss, learned, refused, target
-
-    def _targets(self, y: np.ndarray, labelled: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-        """Per-record model targets and, with target scaling, the scaler's (mean, std) before each row
-        (n + 1 rows: the last is after the batch). Regression rows are scaled with the statistics
-        that include them; predictions were made with those before them."""
-        if self.target is None:
-            return y, None
-        mean, std = self.target.running(y[labelled, None].astype(np.float64))
-        k = np.concatenate([[0], np.cumsum(labelled)])  # labelled rows before each row
-        m, s = mean[k, 0], std[k, 0]
-        scaled = np.zeros(len(y), dtype=np.float32)
-        scaled[labelled] = (y[labelled] - m[1:][labelled]) / s[1:][labelled]
-        return scaled, (m, s)
 
     def _score(self, y: np.ndarray, P: np.ndarray, yhat: np.ndarray,
                where: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -409,30 +331,6 @@ class OnlineLearner:
                 events += [{**e, "index": int(where[ev.index])} for e in self.policy.on_drift(self, ev)]
         return signal, events
 
-    def _learn_batch(self, X: np.ndarray, y: np.ndarray) -> tuple[float | None, np.ndarray, np.ndarray]:
-        """One mini-batch step on ``X, y`` (plus replay); returns (loss, learned mask, model targets)."""
-        if not len(X):
-            return None, np.zeros(0, dtype=bool), y
-        target = y
-        if self.target is not None:
-            self.target.update(y[:, None].astype(np.float64))
-            target = self.target.transform(y[:, None])[:, 0].astype(np.float32)
-        xb, yb = X, target
-        rx, ry = self.replay.sample()  # drawn before this batch joins the buffer
-        if len(rx):
-            if self.target is not None:  # kept raw: scaled with the statistics of this step
-                ry = self.target.transform(ry[:, None])[:, 0]
-            xb, yb = np.concatenate([xb, rx]), np.concatenate([yb, ry.astype(target.dtype)])
-        xb = np.ascontiguousarray(xb)
-        if hasattr(self.backend, "train_guarded"):
-            loss, refused = self.backend.train_guarded(xb, yb)
-        else:
-            loss, refused = self.backend.train_step(xb, yb), None
-        ok = np.ones(len(X), dtype=bool) if refused is None else ~refused[: len(X)]
-        self.replay.add(X[ok], y[ok])
-        self.n_learned += int(ok.sum())
-        return (float(loss) if ok.any() else None), ok, target
-
     def _after_learn(self, X: np.ndarray, y: np.ndarray, targets: np.ndarray, scored: np.ndarray,
                      learned: np.ndarray, signal: np.ndarray, where: np.ndarray) -> list[dict[str, Any]]:
         """The drift policy's turn once the batch is learned (e.g. a challenger learns it too):
@@ -453,24 +351,7 @@ class OnlineLearner:
         A label field in these records is ignored: labels come through
         :meth:`process_labels`. ``unlabelled`` lists the records left waiting.
         """
-        if self.join is None or self.labels is None or self.metrics is None:
-            raise RuntimeError("process_features() needs a spec with 'label' and 'labels' sections")
-        n = len(records)
-        self.n_seen += n
-        X, good_idx, bad = self.features.transform_batch(records, update=train)
-        self.n_bad += len(bad)
-        if len(X) == 0:
-            return BatchOutcome([None] * n, bad)
-        self._ensure_built()
-        P, yhat = self._predict_rows(X, self.labels.n_known)
-        matches = self.join.add_features([keys[i] for i in good_idx.tolist()], X, P, yhat)
-        for m in matches:
-            m.index = int(good_idx[m.index])
-        loss, n_learned, events = self._learn_matches(matches, train)
-        matched = {m.index for m in matches}
-        waiting = [i for i in good_idx.tolist() if i not in matched]
-        return self._outcome(n, good_idx, P, yhat, bad=bad, loss=loss, n_learned=n_learned,
-                             n_scored=len(matches), unlabelled=waiting, events=events)
+        return features_step(self, records, keys, train)
 
     def process_labels(self, keys: Sequence[Any], values: Sequence[Any], train: bool = True) -> BatchOutcome:
         """Delayed labels, step 2: label values (as in records' label field) for ``keys``.
@@ -479,40 +360,7 @@ class OnlineLearner:
         (made when the features came) and the record is learned. ``predictions``
         is empty; ``bad`` are label values that are not valid labels.
         """
-        if self.join is None or self.labels is None or self.metrics is None:
-            raise RuntimeError("process_labels() needs a spec with 'label' and 'labels' sections")
-        y, good, bad = self.labels.encode_batch([{self.labels.field: v} for v in values], update=True)
-        self.n_bad += len(bad)
-        good_list = good.tolist()
-        matches = self.join.add_labels([keys[i] for i in good_list], y)
-        for m in matches:
-            m.index = int(good_list[m.index])
-        loss, n_learned, events = self._learn_matches(matches, train)
-        return BatchOutcome([], bad, loss, n_learned, len(matches), [], events)
-
-    def _learn_matches(self, matches: list[Match], train: bool) -> tuple[float | None, int, list[dict[str, Any]]]:
-        """Score the stored predictions of completed matches, then learn their records."""
-        if not matches:
-            return None, 0, []
-        if not self.built:  # restored from an unbuilt checkpoint while predictions were pending
-            self._ensure_built()
-        X = np.stack([m.x for m in matches]).astype(np.float32)
-        P = np.stack([m.p for m in matches]).astype(np.float32)
-        dtype = np.float32 if self.task == "regression" else np.int64
-        y = np.array([m.y for m in matches], dtype=dtype)
-        yhat = np.array([m.yhat for m in matches], dtype=np.float64 if self.task == "regression" else np.int64)
-        where = np.array([m.index for m in matches], dtype=np.int64)
-        scored = np.isfinite(P).all(axis=1)
-        signal, events = self._score(y[scored], P[scored], yhat[scored], where[scored])
-        if not train:
-            return None, 0, events
-        every = np.ones(len(X), dtype=bool)
-        if self.per_record:  # the records as if their labels had come one at a time
-            _, _, loss, learned, _, targets = self._learn_in_turn(X, y, every, self.labels.n_known if self.labels else 0)
-        else:
-            loss, learned, targets = self._learn_batch(X, y)
-        events += self._after_learn(X, y, targets, scored, learned, signal, where)
-        return loss, int(learned.sum()), events
+        return labels_step(self, keys, values, train)
 
     def predict(self, records: Sequence[Any]) -> BatchOutcome:
         """Inference only: no metric, feature-statistic, vocabulary or weight change."""

@@ -81,7 +81,8 @@ class ReplayBuffer:
             self._pos = int(np.asarray(state["pos"]).reshape(-1)[0]) % self.capacity
         self._added = int(np.asarray(state.get("added", [self._size])).reshape(-1)[0])
 
-    def sample_steps(self, x: np.ndarray, y: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    def sample_steps(self, x: np.ndarray,
+                     y: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
         """Per-record learning: for each row in turn, draw what :meth:`sample` would draw, then :meth:`add` the row.
 
         Exactly the draws and buffer contents of one :meth:`sample` + :meth:`add`
