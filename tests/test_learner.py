@@ -511,3 +511,24 @@ def test_real_backend_state_roundtrip_continues_identically(backend_name):
         oa, ob = a.process(batch), b.process(batch)
         assert oa.predictions == ob.predictions and oa.loss == ob.loss
     assert a.snapshot() == pytest.approx(b.snapshot())
+
+
+@pytest.mark.parametrize("cap, k, batch", [(5, 3, 4), (10, 2, 25), (50, 7, 64), (3, 1, 7)])
+@pytest.mark.parametrize("mode", ["recent", "reservoir"])
+def test_replay_draws_per_record_equal_one_sample_and_add_per_record(cap, k, batch, mode):
+    from tensorstream.learn.replay import ReplayBuffer
+
+    a, b = ReplayBuffer(k, cap, seed=1, mode=mode), ReplayBuffer(k, cap, seed=1, mode=mode)
+    rng = np.random.default_rng(0)
+    for t in range(0, 6 * batch, batch):
+        x, y = rng.normal(size=(batch, 2)).astype(np.float32), np.arange(t, t + batch)
+        (rx, ry, rw), _ = a.sample_steps(x, y)
+        for i in range(batch):
+            sx, sy = b.sample()
+            assert rw[i].all() if len(sx) else not rw[i].any()
+            if len(sx):
+                np.testing.assert_array_equal(rx[i], sx)
+                np.testing.assert_array_equal(ry[i], sy)
+            b.add(x[i:i + 1], y[i:i + 1])
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(np.array_equal(sa[key], sb[key]) for key in sa)

@@ -164,10 +164,13 @@ def mlp_sequence(
     m = xs.size(1)
     n_layers = len(weights)
     rows: list[Tensor] = []
-    step_losses: list[Tensor] = []
+    step_outs: list[Tensor] = []  # m > 1: each learned step's log-softmax (logits), for its loss
     refused = torch.zeros([n], dtype=torch.bool)
     flags: list[bool] = learn.tolist()
-    unit = torch.ones([1, 1])
+    # The step's loss is the weighted mean over its rows: d(loss)/d(log-softmax) is -onehot * w
+    # (squared error: d/d(out) is 2 * (out - y) * w); the weights for all steps at once.
+    w = (ws / ws.sum(1, keepdim=True)).unsqueeze(2)
+    gos = targets * w if classification else 2.0 * w
     with torch.no_grad():
         for i in range(n):
             h = xs[i]
@@ -178,28 +181,20 @@ def mlp_sequence(
                 hs.append(h)
             logits = torch.nn.functional.linear(h, weights[n_layers - 1], biases[n_layers - 1])
             rows.append(logits)  # softmax-ed all at once at the end: what predict() returns, bit for bit
-            lp = torch.log_softmax(logits, 1) if classification else logits
             if not flags[i]:
                 continue
             # The gradient is computed as autograd computes it, kernel for kernel: Adam turns
             # last-bit differences in tiny gradients into full-size steps, and they add up.
-            w = unit
-            go = targets[i]
-            if m > 1:  # the step's loss is the weighted mean over its rows
-                w = (ws[i] / ws[i].sum()).unsqueeze(1)
-                go = go * w
-                step_losses.append((lp * go).sum() if classification else ((logits - targets[i]) ** 2 * w).sum())
-            if classification:  # go = -onehot (* w): the gradient of the loss with respect to log-softmax
-                g = torch.ops.aten._log_softmax_backward_data(go, lp, 1, torch.float32)
+            if classification:
+                lp = torch.log_softmax(logits, 1)
+                g = torch.ops.aten._log_softmax_backward_data(gos[i], lp, 1, torch.float32)
             else:
-                g = (logits - targets[i]) * 2.0
-                if m > 1:
-                    g = g * w
+                lp = logits
+                g = (logits - targets[i]) * 2.0 if m == 1 else (logits - targets[i]) * gos[i]
+            if m > 1:
+                step_outs.append(lp)
             for j in range(n_layers - 1, -1, -1):
-                if m == 1:
-                    torch.mm(g.t(), hs[j], out=gweights[j])  # an outer product: exact either way round
-                else:
-                    gweights[j].copy_(torch.mm(hs[j].t(), g).t())  # autograd's order of summation
+                torch.mm(g.t(), hs[j], out=gweights[j])
                 torch.sum(g, [0], False, out=gbiases[j])
                 if j > 0:
                     g = torch.mm(g, weights[j])
@@ -227,7 +222,10 @@ def mlp_sequence(
         learned = learn & ~refused
         if m > 1:
             losses = torch.full([n], float("nan"))
-            losses[learn] = torch.stack(step_losses) if len(step_losses) > 0 else torch.zeros(0)
+            if len(step_outs) > 0:
+                lps = torch.stack(step_outs)
+                losses[learn] = ((lps * gos[learn]).sum([1, 2]) if classification
+                                 else ((lps - targets[learn]) ** 2 * w[learn]).sum([1, 2]))
         elif classification:  # one row per step: its loss is the prediction's (same weights, same forward)
             losses = -torch.log(torch.clamp(-(out * targets[:, 0]).sum(1), min=1e-30))
         else:

@@ -49,7 +49,9 @@ class ReplayBuffer:
         if not self.k or not self._size:
             return np.zeros((0, 0), dtype=np.float32), np.zeros(0)
         assert self._x is not None and self._y is not None
-        idx = self._rng.integers(0, self._size, size=self.k)
+        # floor(u * size) from uniform doubles: one 64-bit draw per index, so k draws now and k
+        # later are the 2k draws of one call (numpy's bounded integers buffer 32-bit halves)
+        idx = (self._rng.random(self.k) * self._size).astype(np.int64)
         return self._x[idx], self._y[idx]
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -91,16 +93,45 @@ class ReplayBuffer:
         written (-1: not kept), for :meth:`discard`.
         """
         n, d = x.shape
+        if self.mode == "recent":
+            return self._recent_steps(x, y)
         rx = np.zeros((n, self.k, d), dtype=np.float32)
         ry = np.zeros((n, self.k), dtype=y.dtype)
         rw = np.zeros((n, self.k), dtype=np.float32)
         slots = np.full(n, -1, dtype=np.int64)
-        for i in range(n):
+        for i in range(n):  # reservoir: each row's draws depend on where the last one landed
             if self._size:
                 sx, sy = self.sample()
                 rx[i], ry[i], rw[i] = sx, sy, 1.0
             slots[i] = self._add_one(x[i], y[i])
         return (rx, ry, rw), slots
+
+    def _recent_steps(self, x: np.ndarray,
+                      y: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+        """:meth:`sample_steps` for the ring buffer, vectorised: row i draws from the slots as
+        they are after rows 0..i-1 of the batch were written."""
+        n, d, cap = len(x), x.shape[1], self.capacity
+        if self._x is None:
+            self._x, self._y = np.zeros((cap, d), dtype=np.float32), np.zeros(cap, dtype=y.dtype)
+        assert self._y is not None
+        sizes = np.minimum(self._size + np.arange(n), cap)  # before each row
+        drawn = sizes > 0  # an empty buffer draws nothing (as sample() does)
+        u = np.zeros((n, self.k))
+        u[drawn] = self._rng.random((int(drawn.sum()), self.k))
+        slot = (u * sizes[:, None]).astype(np.int64)
+        # the batch row that last wrote each slot before row i, else the slot's old content
+        first = (slot - self._pos) % cap  # the first batch row that writes this slot
+        rows = np.arange(n)[:, None]
+        last = first + cap * np.maximum((rows - 1 - first) // cap, 0)
+        virtual = np.where(first < rows, cap + last, slot)
+        vx, vy = np.concatenate([self._x, x.astype(np.float32)]), np.concatenate([self._y, y.astype(self._y.dtype)])
+        rx, ry, rw = vx[virtual], vy[virtual], np.broadcast_to(drawn[:, None], (n, self.k)).astype(np.float32)
+        written = (self._pos + np.arange(n)) % cap
+        keep = np.arange(n) >= n - cap  # rows overwritten within the batch are not kept
+        self._x[written[keep]], self._y[written[keep]] = x[keep], y[keep]
+        self._pos = int((self._pos + n) % cap)
+        self._size = int(min(self._size + n, cap))
+        return (rx, ry, rw), np.where(keep, written, -1)
 
     def _add_one(self, xi: np.ndarray, yi: Any) -> int:
         if self._x is None:
