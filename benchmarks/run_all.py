@@ -42,7 +42,8 @@ PEERS_TARGET = 10
 BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "tax": ([str(HERE / "bench_streaming_tax.py")], ["--repeats", "1", "--scale", "0.3"]),
     "inference": ([str(HERE / "bench_inference.py")], ["--repeats", "1", "--records", "20000", "--seconds", "4"]),
-    "peers": ([str(HERE / "bench_peers.py")], ["--agrawal-records", "20000"]),
+    # replay 3: the per-record learner that also relearns 3 recent records per step (learn.replay)
+    "peers": ([str(HERE / "bench_peers.py"), "--replay", "3"], ["--agrawal-records", "20000"]),
     "soak": ([str(HERE / "bench_soak.py")], ["--records", "200000", "--every", "50000"]),
     "bench": (["-m", "tensorstream.cli", "bench", "--demo"], ["--records", "2000"]),
 }

@@ -105,6 +105,10 @@ class TorchBackend:
         self._training: bool | None = None
         # Weight decay is decoupled (p -= lr*wd*p before the step), as keras does for SGD and Adam alike.
         self._opt = FlatOptimizer([p for _, p, _ in self._params], model.optimizer)
+        # The compiled loop's view of the layers: weights and biases, and their gradients (views of
+        # the flat buffers, so they stay valid as long as the optimizer does)
+        lin = [t for _, t, _ in self._params]
+        self._layers = (lin, [self._opt.grad[o:o + k].view_as(t) for (o, k), t in zip(self._opt.spans, lin, strict=True)])
 
     def framework_model(self) -> nn.Module:
         """The live ``nn.Module`` (logits; no softmax), for export: copy it before changing its mode."""
@@ -174,8 +178,7 @@ class TorchBackend:
         xs_t, ys_t, ws_t = torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(ws)
         if self._builtin:
             opt = self._opt
-            lin = [t for _, t, _ in self._params]
-            grads = [opt.grad[o:o + k].view_as(t) for (o, k), t in zip(opt.spans, lin, strict=True)]
+            lin, grads = self._layers
             targets = (-F.one_hot(ys_t, self._n_outputs).float() if self._loss == "cross_entropy"
                        else ys_t.unsqueeze(2))
             out, loss, refused = scripted_mlp_sequence()(
