@@ -181,32 +181,8 @@ class FeaturePipeline:
         self._scalar_layout = not array_records and all(w == 1 for _, w in layout)
 
     def _infer_layout(self, record: Any) -> None:
-        if isinstance(record, np.ndarray):
-            if self.spec.categorical:
-                raise FieldError(
-                    "wrong_type", "an array record has no categorical fields, but the spec lists some"
-                )
-            self._set_layout([(ARRAY_RECORD, int(record.size))], array_records=True)
-            return
-        if not isinstance(record, Mapping):
-            raise FieldError("not_a_record", f"a record must be a mapping or an array, got {describe(record)}")
-        if self._wildcard:
-            skip = set(self.spec.categorical) | {self.label_field}
-            names = sorted(
-                k for k, v in record.items()
-                if isinstance(k, str) and k not in skip and (is_number(v) or is_numeric_array(v))
-            )
-            if not names:
-                raise FieldError("missing_field", "numeric: ['*'] found no numeric field in the first record")
-        else:
-            names = list(self.spec.numeric)
-        layout = []
-        for name in names:
-            v = FieldPath(name).get(record)
-            if v is MISSING:
-                raise FieldError("missing_field", f"field '{name}' is missing", name)
-            layout.append((name, _width(name, v)))
-        self._set_layout(layout, array_records=False)
+        layout, array_records = infer_layout(record, self.spec, self.label_field)
+        self._set_layout(layout, array_records)
 
     # ------------------------------------------------------------- transforms
 
@@ -421,6 +397,33 @@ class FeaturePipeline:
         if "vocab" in state:
             vocab = from_json_array(state["vocab"])
             self._vocab = {f: {k: i for i, k in enumerate(vocab.get(f, []))} for f in self.spec.categorical}
+
+
+def infer_layout(record: Any, spec: FeatureSpec, label_field: str | None) -> tuple[list[tuple[str, int]], bool]:
+    """The layout a first record gives: ``([(field, width), ...], array_records)``; a FieldError if none."""
+    if isinstance(record, np.ndarray):
+        if spec.categorical:
+            raise FieldError("wrong_type", "an array record has no categorical fields, but the spec lists some")
+        return [(ARRAY_RECORD, int(record.size))], True
+    if not isinstance(record, Mapping):
+        raise FieldError("not_a_record", f"a record must be a mapping or an array, got {describe(record)}")
+    if "*" in spec.numeric:
+        skip = set(spec.categorical) | {label_field}
+        names = sorted(
+            k for k, v in record.items()
+            if isinstance(k, str) and k not in skip and (is_number(v) or is_numeric_array(v))
+        )
+        if not names:
+            raise FieldError("missing_field", "numeric: ['*'] found no numeric field in the first record")
+    else:
+        names = list(spec.numeric)
+    layout = []
+    for name in names:
+        v = FieldPath(name).get(record)
+        if v is MISSING:
+            raise FieldError("missing_field", f"field '{name}' is missing", name)
+        layout.append((name, _width(name, v)))
+    return layout, False
 
 
 def _width(name: str, v: Any) -> int:

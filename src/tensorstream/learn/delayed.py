@@ -43,7 +43,7 @@ import orjson
 
 from tensorstream.features.state import from_json_array, json_array
 from tensorstream.learn.outcome import BatchOutcome
-from tensorstream.learn.steps import learn_batch, learn_in_turn
+from tensorstream.learn.steps import after_learn, learn_batch, learn_in_turn, score
 
 
 @dataclass
@@ -235,13 +235,9 @@ def features_step(learner: Any, records: Sequence[Any], keys: Sequence[Any], tra
     if learner.join is None or learner.labels is None or learner.metrics is None:
         raise RuntimeError("process_features() needs a spec with 'label' and 'labels' sections")
     n = len(records)
-    learner.n_seen += n
-    X, good_idx, bad = learner.features.transform_batch(records, update=train)
-    learner.n_bad += len(bad)
-    if len(X) == 0:
+    X, good_idx, bad, P, yhat = learner._predict_records(records, update=train, n_known=learner.labels.n_known)
+    if P is None:
         return BatchOutcome([None] * n, bad)
-    learner._ensure_built()
-    P, yhat = learner._predict_rows(X, learner.labels.n_known)
     matches = learner.join.add_features([keys[i] for i in good_idx.tolist()], X, P, yhat)
     for m in matches:
         m.index = int(good_idx[m.index])
@@ -249,7 +245,7 @@ def features_step(learner: Any, records: Sequence[Any], keys: Sequence[Any], tra
     matched = {m.index for m in matches}
     waiting = [i for i in good_idx.tolist() if i not in matched]
     return learner._outcome(n, good_idx, P, yhat, bad=bad, loss=loss, n_learned=n_learned,
-                         n_scored=len(matches), unlabelled=waiting, events=events)
+                            n_scored=len(matches), unlabelled=waiting, events=events)
 
 def labels_step(learner: Any, keys: Sequence[Any], values: Sequence[Any], train: bool = True) -> BatchOutcome:
     """``OnlineLearner.process_labels``."""
@@ -277,7 +273,7 @@ def learn_matches(learner: Any, matches: list[Match], train: bool) -> tuple[floa
     yhat = np.array([m.yhat for m in matches], dtype=np.float64 if learner.task == "regression" else np.int64)
     where = np.array([m.index for m in matches], dtype=np.int64)
     scored = np.isfinite(P).all(axis=1)
-    signal, events = learner._score(y[scored], P[scored], yhat[scored], where[scored])
+    signal, events = score(learner, y[scored], P[scored], yhat[scored], where[scored])
     if not train:
         return None, 0, events
     every = np.ones(len(X), dtype=bool)
@@ -286,5 +282,5 @@ def learn_matches(learner: Any, matches: list[Match], train: bool) -> tuple[floa
         _, _, loss, learned, _, targets = learn_in_turn(learner, X, y, every, n_known)
     else:
         loss, learned, targets = learn_batch(learner, X, y)
-    events += learner._after_learn(X, y, targets, scored, learned, signal, where)
+    events += after_learn(learner, X, y, targets, scored, learned, signal, where)
     return loss, int(learned.sum()), events

@@ -35,7 +35,6 @@ Either way the reported accuracy is an honest out-of-sample estimate.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,15 +48,14 @@ from tensorstream.features.transform import FeaturePipeline
 from tensorstream.learn.delayed import LabelJoin, features_step, labels_step
 from tensorstream.learn.drift import DriftMonitor, signal_values
 from tensorstream.learn.metrics import PrequentialMetrics
+from tensorstream.learn.outcome import BatchOutcome
 from tensorstream.learn.policies import make_policy
 from tensorstream.learn.replay import ReplayBuffer
-from tensorstream.learn.outcome import BatchOutcome
 from tensorstream.learn.sequence import predicted_index
 from tensorstream.learn.state import learner_state, load_learner_state
-from tensorstream.learn.steps import learn_batch, learn_in_turn
+from tensorstream.learn.steps import after_learn, learn_batch, learn_in_turn, score
 from tensorstream.spec import PipelineSpec
 
-log = logging.getLogger(__name__)
 
 
 class OnlineLearner:
@@ -289,7 +287,7 @@ class OnlineLearner:
             P, yhat = self._predict_rows(X, n_known)
         # 2. score (3. learn, for mini-batches)
         scored = labelled & np.isfinite(P).all(axis=1)  # a non-finite prediction cannot be scored
-        signal, events = self._score(y_rows[scored], P[scored], yhat[scored], good_idx[scored])
+        signal, events = score(self, y_rows[scored], P[scored], yhat[scored], good_idx[scored])
         if not sequential:
             loss, learned, refused = None, np.zeros(len(X), dtype=bool), np.zeros(len(X), dtype=bool)
             targets = y_rows
@@ -298,49 +296,13 @@ class OnlineLearner:
                 learned[labelled], refused[labelled] = ok, ~ok
                 targets = np.zeros(len(X), targets_l.dtype)
                 targets[labelled] = targets_l
-        events += self._after_learn(X, y_rows, targets, scored, learned, signal, good_idx)
+        events += after_learn(self, X, y_rows, targets, scored, learned, signal, good_idx)
         bad += [BadRecord(int(i), "non_finite_update", "the update from this record was not finite (loss or "
                           "gradient overflow): predicted, not learned") for i in good_idx[refused].tolist()]
         self.n_bad += len(bad)
         return self._outcome(n, good_idx, P, yhat, bad=sorted(bad, key=lambda b: b.index), loss=loss,
                              n_learned=int(learned.sum()), n_scored=int(scored.sum()), unlabelled=unlabelled,
                              events=events)
-
-    def _score(self, y: np.ndarray, P: np.ndarray, yhat: np.ndarray,
-               where: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """Score predictions made earlier against ``y`` and watch for drift.
-        ``where[i]``: the input record behind row ``i``. Returns (drift signal, events)."""
-        assert self.metrics is not None
-        events: list[dict[str, Any]] = []
-        if not len(y):
-            return np.zeros(0), events
-        if self.task == "regression":
-            self.metrics.update(y, yhat)
-        else:
-            self.metrics.update(y, yhat, P)
-        signal = np.zeros(0)
-        if self.drift.enabled:
-            signal = signal_values(self.task, self.drift.signal, y, yhat, None if self.task == "regression" else P)
-            for ev in self.drift.update(signal):
-                events.append({"type": "drift", **ev.to_dict(), "index": int(where[ev.index]),
-                               "policy": self.policy.name, "n_learned": self.n_learned})
-                log.info("drift detected by %s after %d scored records: %s %.4f -> %.4f (policy %s)",
-                         ev.detector, ev.n_seen, ev.metric, ev.before, ev.after, self.policy.name)
-                if self.drift.spec.clear_replay:
-                    self.replay.clear()
-                events += [{**e, "index": int(where[ev.index])} for e in self.policy.on_drift(self, ev)]
-        return signal, events
-
-    def _after_learn(self, X: np.ndarray, y: np.ndarray, targets: np.ndarray, scored: np.ndarray,
-                     learned: np.ndarray, signal: np.ndarray, where: np.ndarray) -> list[dict[str, Any]]:
-        """The drift policy's turn once the batch is learned (e.g. a challenger learns it too):
-        the scored rows with their labels and drift signal, and the learned rows with their model targets."""
-        if not self.drift.enabled or not learned.any():
-            return []
-        return [{**e, "index": int(where[learned][-1])}
-                for e in self.policy.after_learn(self, np.ascontiguousarray(X[scored]), y[scored], signal,
-                                                 np.ascontiguousarray(X[learned]), targets[learned],
-                                                 int(learned.sum()))]
 
     # ---------------------------------------------------------- delayed labels
 
@@ -364,15 +326,21 @@ class OnlineLearner:
 
     def predict(self, records: Sequence[Any]) -> BatchOutcome:
         """Inference only: no metric, feature-statistic, vocabulary or weight change."""
-        n = len(records)
-        self.n_seen += n
-        X, good_idx, bad = self.features.transform_batch(records, update=False)
+        _, good_idx, bad, P, yhat = self._predict_records(records, update=False, n_known=len(self.classes))
+        if P is None:
+            return BatchOutcome([None] * len(records), bad)
+        return self._outcome(len(records), good_idx, P, yhat, bad=bad)
+
+    def _predict_records(self, records: Sequence[Any], update: bool, n_known: int) -> tuple[Any, ...]:
+        """Count, transform and predict ``records`` with the model as it is:
+        ``(X, good_idx, bad, P, yhat)``, ``P`` and ``yhat`` None when no record is usable."""
+        self.n_seen += len(records)
+        X, good_idx, bad = self.features.transform_batch(records, update=update)
         self.n_bad += len(bad)
         if len(X) == 0:
-            return BatchOutcome([None] * n, bad)
+            return X, good_idx, bad, None, None
         self._ensure_built()
-        P, yhat = self._predict_rows(X, len(self.classes))
-        return self._outcome(n, good_idx, P, yhat, bad=bad)
+        return (X, good_idx, bad, *self._predict_rows(X, n_known))
 
     # ------------------------------------------------------------------ state
 

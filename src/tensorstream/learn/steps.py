@@ -1,4 +1,4 @@
-"""How the learner learns the rows it scored: per record, or as one mini-batch.
+"""How the learner scores and learns rows: per record, or as one mini-batch.
 
 Both keep the same books: the replay buffer (rows added once learned, raw
 targets), the regression target's scaler (the model learns the standardised
@@ -8,11 +8,15 @@ target), ``learner.n_learned``; both report the rows whose update was refused
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
+from tensorstream.learn.drift import signal_values
 from tensorstream.learn.sequence import known_before, learn_sequence, predicted_index
+
+log = logging.getLogger(__name__)
 
 
 def learn_in_turn(learner: Any, X: np.ndarray, y: np.ndarray, labelled: np.ndarray, n_known: int
@@ -87,3 +91,40 @@ def learn_batch(learner: Any, X: np.ndarray, y: np.ndarray) -> tuple[float | Non
     learner.replay.add(X[ok], y[ok])
     learner.n_learned += int(ok.sum())
     return (float(loss) if ok.any() else None), ok, target
+
+
+def score(learner: Any, y: np.ndarray, P: np.ndarray, yhat: np.ndarray,
+          where: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Score predictions made earlier against ``y`` and watch for drift.
+    ``where[i]``: the input record behind row ``i``. Returns (drift signal, events)."""
+    assert learner.metrics is not None
+    events: list[dict[str, Any]] = []
+    if not len(y):
+        return np.zeros(0), events
+    if learner.task == "regression":
+        learner.metrics.update(y, yhat)
+    else:
+        learner.metrics.update(y, yhat, P)
+    signal = np.zeros(0)
+    if learner.drift.enabled:
+        signal = signal_values(learner.task, learner.drift.signal, y, yhat, None if learner.task == "regression" else P)
+        for ev in learner.drift.update(signal):
+            events.append({"type": "drift", **ev.to_dict(), "index": int(where[ev.index]),
+                           "policy": learner.policy.name, "n_learned": learner.n_learned})
+            log.info("drift detected by %s after %d scored records: %s %.4f -> %.4f (policy %s)",
+                     ev.detector, ev.n_seen, ev.metric, ev.before, ev.after, learner.policy.name)
+            if learner.drift.spec.clear_replay:
+                learner.replay.clear()
+            events += [{**e, "index": int(where[ev.index])} for e in learner.policy.on_drift(learner, ev)]
+    return signal, events
+
+def after_learn(learner: Any, X: np.ndarray, y: np.ndarray, targets: np.ndarray, scored: np.ndarray,
+                 learned: np.ndarray, signal: np.ndarray, where: np.ndarray) -> list[dict[str, Any]]:
+    """The drift policy's turn once the batch is learned (e.g. a challenger learns it too):
+    the scored rows with their labels and drift signal, and the learned rows with their model targets."""
+    if not learner.drift.enabled or not learned.any():
+        return []
+    return [{**e, "index": int(where[learned][-1])}
+            for e in learner.policy.after_learn(learner, np.ascontiguousarray(X[scored]), y[scored], signal,
+                                                np.ascontiguousarray(X[learned]), targets[learned],
+                                                int(learned.sum()))]
