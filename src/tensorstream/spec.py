@@ -147,8 +147,12 @@ class SinkSpec(_Strict):
 class FeatureSpec(_Strict):
     """Record fields -> one float32 feature vector.
 
-    ``numeric: ["*"]`` takes every numeric (int/float/bool) field of the record
-    except the label, in sorted name order, fixed at the first record seen.
+    ``numeric: ["*"]`` takes every numeric (int/float/bool) top-level field of
+    the record except the label, in sorted name order, fixed at the first record
+    seen. A listed field (numeric or categorical) may be a dotted path into nested
+    mappings: ``user.age`` reads ``{"user": {"age": 41}}``; when the record has a
+    key that is literally ``user.age``, that key wins (flat records whose names
+    contain dots keep working). A path that does not resolve is a missing field.
     """
 
     numeric: list[str] = Field(default_factory=list)
