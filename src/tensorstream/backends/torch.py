@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -31,6 +33,29 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 _Named = list[tuple[str, torch.Tensor, bool]]  # (state name, tensor, stored transposed)
+
+_SUBNORMAL = 5e-324  # the smallest double: 0 when the CPU flushes denormals
+
+
+@contextmanager
+def flushing_denormals() -> Iterator[None]:
+    """Denormals flushed to zero for the duration (as TensorFlow does on its own threads).
+
+    Adam's moments of weights whose gradient stays 0 (a dead ReLU unit) decay into
+    the denormal range within a few thousand steps, where x86 arithmetic is ~100x
+    slower (measured: the optimizer step went from 8 to 40 us per record on a
+    7k-weight MLP after 20k records). The CPU flag is per thread and also changes
+    Python's own floats, so it is set around the backend's work only and put back
+    as it was.
+    """
+    already = _SUBNORMAL * 1.0 == 0.0
+    if not already:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not already:
+            torch.set_flush_denormal(False)
 
 
 def _builtin(model: ModelSpec, n_features: int, n_outputs: int) -> tuple[nn.Module, _Named]:
@@ -87,11 +112,6 @@ class TorchBackend:
         self._activation = model.activation
         if model.threads is not None:
             torch.set_num_threads(model.threads)  # process-wide: torch has no per-model setting
-        # Flush denormals to zero (process-wide, as TensorFlow does on its own threads): Adam's
-        # moments of weights whose gradient stays 0 (a dead ReLU unit) decay into the denormal
-        # range within a few thousand steps, where x86 arithmetic is ~100x slower; measured: the
-        # optimizer step went from 8 to 40 us per record on a 7k-weight MLP after 20k records.
-        torch.set_flush_denormal(True)
         torch.manual_seed(model.seed)  # dropout & co. in user models; built-ins are fully numpy-initialised
         if common.is_builtin(model):
             self._module, self._params = _builtin(model, n_features, n_outputs)
@@ -125,7 +145,7 @@ class TorchBackend:
     def predict(self, x: np.ndarray) -> np.ndarray:
         x, _ = common.check_batch(x, None, self._n_features, self._n_outputs, self._task)
         self._set_training(False)
-        with torch.inference_mode():
+        with torch.inference_mode(), flushing_denormals():
             out = self._forward(torch.from_numpy(x))
             if self._loss == "cross_entropy":
                 out = torch.softmax(out, dim=1)
@@ -144,6 +164,10 @@ class TorchBackend:
 
     def train_guarded(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
         """One step on the batch; rows with a non-finite loss or gradient are left out (and returned)."""
+        with flushing_denormals():
+            return self._train_guarded(x, y)
+
+    def _train_guarded(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
         x, y = common.check_batch(x, y, self._n_features, self._n_outputs, self._task)
         self._set_training(True)
         xt, target = torch.from_numpy(x), torch.from_numpy(y)
@@ -175,7 +199,11 @@ class TorchBackend:
         """Exact per-record test-then-train (see :class:`~tensorstream.backends.base.SequentialLearning`)."""
         x, y = common.check_batch(x, y, self._n_features, self._n_outputs, self._task)
         xs, ys, ws, flags = common.sequential_steps(x, y, learn, replay, self._task)
-        xs_t, ys_t, ws_t = torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(ws)
+        with flushing_denormals():
+            return self._sequence(torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(ws), flags)
+
+    def _sequence(self, xs_t: torch.Tensor, ys_t: torch.Tensor, ws_t: torch.Tensor,
+                  flags: np.ndarray) -> SequentialResult:
         if self._builtin:
             opt = self._opt
             lin, grads = self._layers

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from tensorstream.backends import init as common
-from tensorstream.backends.torch import TorchBackend
+from tensorstream.backends.torch import TorchBackend, flushing_denormals
 from tensorstream.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class TorchDDPBackend(TorchBackend):
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         x, y = common.check_batch(x, y, self._n_features, self._n_outputs, self._task)
-        return self._step(x, y)
+        with flushing_denormals():
+            return self._step(x, y)
 
     def train_guarded(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
         # A refused step is refused on every rank (the gradients are all-reduced), with no per-row retry.
@@ -105,7 +106,8 @@ class TorchDDPBackend(TorchBackend):
 
     def empty_step(self) -> None:
         """Join this step's all-reduces with no rows (a rank that has nothing to learn)."""
-        self._step(None, None)
+        with flushing_denormals():
+            self._step(None, None)
 
     def _step(self, x: np.ndarray | None, y: np.ndarray | None) -> float:
         n = 0 if x is None else len(x)
