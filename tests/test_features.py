@@ -469,3 +469,23 @@ def test_plain_json_records_never_take_the_per_record_path(monkeypatch):
     X, good, bad = fp.transform_batch([{"a": i, "n": {"b": 0.5 * i}, "c": ["x", 7][i % 2], "y": 1}
                                        for i in range(50)], update=True)
     assert good.tolist() == list(range(50)) and not bad
+
+
+def test_label_batches_take_the_column_path_with_the_record_by_record_result(monkeypatch):
+    """Known classes (by value: True == 1 == 1.0) and plain regression numbers in one pass; anything
+    else (a new class, NaN, a string, a missing label, numpy values) record by record, reported as before."""
+    fixed = LabelSpec(field="y", classes=[False, True])
+    recs = [{"y": v} for v in (True, False, 1, 0, 1.0, True)]
+    enc = LabelEncoder(fixed)
+    monkeypatch.setattr(enc, "_encode_rows", lambda *a: pytest.fail("the column path should take these"))
+    assert enc.encode_batch(recs)[0].tolist() == [1, 0, 1, 0, 1, 1]
+    reg = LabelSpec(field="y", task="regression")
+    assert LabelEncoder(reg).encode_batch([{"y": v} for v in (1, 2.5, True)])[0].tolist() == [1.0, 2.5, 1.0]
+    for bad in ({"y": 2}, {"y": "1"}, {"y": None}, {}, {"y": float("nan")}, {"y": np.int64(1)}):
+        got = LabelEncoder(fixed).encode_batch(recs + [bad])
+        want = LabelEncoder(fixed)._encode_rows(recs + [bad], range(7), True)
+        assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+        assert [b.to_dict() for b in got[2]] == [b.to_dict() for b in want[2]], bad
+    for bad in ({"y": "3"}, {"y": float("inf")}, {"y": 1e39}):
+        got = LabelEncoder(reg).encode_batch([{"y": 1}, bad])
+        assert got[1].tolist() == [0] and got[2][0].index == 1
