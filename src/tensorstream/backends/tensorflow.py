@@ -137,15 +137,17 @@ class TensorflowBackend:
 
     # -- compiled steps ----------------------------------------------------
 
+    def _per_row(self, out: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """Each row's loss: softmax cross-entropy on the logits, or the squared error."""
+        if self._loss == "cross_entropy":
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
+        return tf.square(out[:, 0] - y)
+
     def _loss_and_grads(self, x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, list]:
         """(outputs, loss: the ``w``-weighted mean over rows, gradients) with the model in training mode."""
         with tf.GradientTape() as tape:
             out = self._net(x, training=True)
-            if self._loss == "cross_entropy":
-                per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
-            else:
-                per_row = tf.square(out[:, 0] - y)
-            loss = tf.reduce_sum(per_row * w) / tf.reduce_sum(w)  # mean over real rows only
+            loss = tf.reduce_sum(self._per_row(out, y) * w) / tf.reduce_sum(w)  # mean over real rows only
             total = tf.add_n([loss, *self._net.losses]) if self._net.losses else loss  # + regularizers
         return out, loss, tape.gradient(total, self._vars)
 

@@ -123,11 +123,7 @@ class TensorflowMultiWorkerBackend(TensorflowBackend):
         def replica(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape() as tape:
                 out = self._net(x, training=True)
-                if self._loss == "cross_entropy":
-                    per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
-                else:
-                    per_row = tf.square(out[:, 0] - y)
-                weighted = tf.reduce_sum(per_row * w)  # this rank's share of the union-batch mean
+                weighted = tf.reduce_sum(self._per_row(out, y) * w)  # this rank's share of the union-batch mean
                 total = weighted
                 if self._net.losses:  # regularizers: each rank adds 1/W of them to the sum
                     total = weighted + tf.add_n(self._net.losses) / float(self.world_size)
