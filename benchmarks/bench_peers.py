@@ -1,6 +1,7 @@
 """Peers: deep-river's Classifier and River's logistic regression beside tensorstream.
 
     python benchmarks/bench_peers.py [--agrawal-records 100000] [--repeats 1] [--backends torch,tensorflow] [--batches 64]
+                                     [--learning per_record,mini_batch] [--replay 3]
 
 Two streams, the same records for everyone (written once to JSON-lines files):
 River's Phishing (1,250 records) and a 100,000-record Agrawal stream
@@ -12,8 +13,12 @@ River's Phishing (1,250 records) and a 100,000-record Agrawal stream
   written to a topic), steady state (group join and first batch excluded);
 - **tensorstream, in memory**: ``OnlineLearner.process`` over the same records
   in the spec's batches;
-- both again with each ``--batches`` micro-batch size (default 64): the
-  throughput/accuracy trade of batching, beside the example spec's batch;
+- both again with each ``--batches`` micro-batch size (default 64), beside the
+  example spec's batch, in the spec's ``learn.learning`` (default per-record:
+  the accuracy of batch 1 at any batch size) and in each ``--learning`` mode
+  given (``mini_batch``: the old throughput/accuracy trade of batching), and
+  with each ``--replay`` k (``learn.replay``: each per-record step also
+  learns k recently learned records: more accuracy per record for little time);
 - **River** ``StandardScaler | LogisticRegression`` (``learn_one``/``predict_one``),
   project venv (river 0.26.1);
 - **deep-river** 0.3.4 ``Classifier`` with the same MLP as our spec (hidden
@@ -223,12 +228,17 @@ def write_streams(work: Path, agrawal_records: int) -> dict[str, Path]:
     return paths
 
 
-def _spec(stream: str, backend: str, topic: str, state_dir: str, batch: int | None = None) -> Any:
+def _spec(stream: str, backend: str, topic: str, state_dir: str, batch: int | None = None,
+          learning: str | None = None, replay: int | None = None) -> Any:
     from tensorstream.examples import example_spec
 
     base = example_spec("phishing.yaml" if stream == "phishing" else "agrawal_drift.yaml", backend=backend)
     if batch is not None:
         base = base.model_copy(update={"batch": base.batch.model_copy(update={"max_size": batch})})
+    if learning is not None:
+        base = base.model_copy(update={"learn": base.learn.model_copy(update={"learning": learning})})
+    if replay is not None:
+        base = base.model_copy(update={"learn": base.learn.model_copy(update={"replay": replay})})
     return base.model_copy(update={
         "name": f"peers-{stream}-{backend}-{uuid.uuid4().hex[:6]}", "state_dir": state_dir,
         "source": base.source.model_copy(update={"topic": topic}),
@@ -238,7 +248,7 @@ def _spec(stream: str, backend: str, topic: str, state_dir: str, batch: int | No
 
 
 def child_ours(backend: str, stream: str, path: str, bootstrap: str, topic: str,
-               batch: int | None = None) -> dict[str, Any]:
+               batch: int | None = None, learning: str | None = None, replay: int | None = None) -> dict[str, Any]:
     """Our pipeline through the broker and our in-memory learner, same records, one process."""
     import orjson
 
@@ -250,9 +260,9 @@ def child_ours(backend: str, stream: str, path: str, bootstrap: str, topic: str,
     sd = tempfile.mkdtemp(prefix="tensorstream-peers-")
     records = [orjson.loads(line) for line in open(path, "rb")]
     cfg = KafkaConfig.local(bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=300)
-    pipe = TimedPipeline(_spec(stream, backend, topic, sd, batch), cfg)
+    pipe = TimedPipeline(_spec(stream, backend, topic, sd, batch, learning, replay), cfg)
     res = pipe.run(until_end=True, timeout=1800)
-    spec = _spec(stream, backend, topic, sd, batch)
+    spec = _spec(stream, backend, topic, sd, batch, learning, replay)
     learner = OnlineLearner(spec, make_backend(backend))
     b = spec.batch.max_size
     learner.process(records[:b])
@@ -285,7 +295,12 @@ def main() -> None:
     ap.add_argument("--skip-deep-river", action="store_true")
     ap.add_argument("--batches", default="64",
                     help="more micro-batch sizes for our rows, beside the example spec's (comma-separated; '' for none)")
+    ap.add_argument("--learning", default="",
+                    help="also these learn.learning modes for the --batches rows (comma-separated, e.g. mini_batch)")
+    ap.add_argument("--replay", default="", help="also the --batches rows with these learn.replay values (comma-separated)")
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-learning", help=argparse.SUPPRESS)
+    ap.add_argument("--child-replay", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--stream", help=argparse.SUPPRESS)
@@ -294,7 +309,8 @@ def main() -> None:
     ap.add_argument("--topic", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child_ours(args.child, args.stream, args.path, args.bootstrap, args.topic, args.batch)))
+        print(json.dumps(child_ours(args.child, args.stream, args.path, args.bootstrap, args.topic, args.batch,
+                                    args.child_learning, args.child_replay)))
         return
 
     from tensorstream.bench.machine import describe, machine_info
@@ -322,17 +338,25 @@ def main() -> None:
             topic = f"peers-{stream}"
             produce_records(cfg, str(path), topic)
             rows: dict[str, list[dict[str, Any]]] = {}
+            batches = [int(b) for b in args.batches.split(",") if b.strip()]
+            modes = [m.strip() for m in args.learning.split(",") if m.strip()]
+            replays = [int(k) for k in args.replay.split(",") if k.strip()]
+            variants = [(None, None, None), *((b, None, None) for b in batches),
+                        *((b, m, None) for b in batches for m in modes), *((b, None, k) for b in batches for k in replays)]
             for _ in range(args.repeats):
-                for batch in [None, *(int(b) for b in args.batches.split(",") if b.strip())]:
+                for batch, learning, replay in variants:
                     for backend in args.backends.split(","):
                         cmd = [sys.executable, __file__, "--child", backend, "--stream", stream, "--path", str(path),
                                "--bootstrap", broker.bootstrap_servers, "--topic", topic,
-                               *([] if batch is None else ["--batch", str(batch)])]
+                               *([] if batch is None else ["--batch", str(batch)]),
+                               *([] if learning is None else ["--child-learning", learning]),
+                               *([] if replay is None else ["--child-replay", str(replay)])]
                         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                         if proc.returncode != 0:
                             raise SystemExit(f"{backend} child failed:\n{proc.stderr[-3000:]}")
                         r = json.loads(proc.stdout.strip().splitlines()[-1])
                         tag = backend if batch is None else f"{backend}, batch {batch}"
+                        tag += (f", {learning}" if learning else "") + (f", replay {replay}" if replay else "")
                         rows.setdefault(f"tensorstream pipeline ({tag})", []).append(r["pipeline"])
                         rows.setdefault(f"tensorstream in memory ({tag})", []).append(r["memory"])
                 rows.setdefault("River StandardScaler | LogisticRegression", []).append(

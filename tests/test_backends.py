@@ -276,3 +276,19 @@ def test_missing_framework_names_the_extra():
         "try:\n    make_backend('torch')\nexcept ImportError as e:\n    print(e)\n"
     )
     assert "pip install 'tensorstream[torch]'" in result.stdout, result.stderr
+
+
+def test_torch_flushes_denormals_only_while_it_works():
+    """Flush-to-zero (Adam's decaying moments are ~100x slower as denormals) must not leak:
+    the CPU flag also changes Python's own floats."""
+    from tensorstream.backends.torch import flushing_denormals
+
+    tiny = 5e-324
+    with flushing_denormals():
+        assert tiny * 1.0 == 0.0
+    assert tiny * 1.0 == tiny
+    backend = built("torch")
+    backend.learn_sequential(PROBE, np.zeros(len(PROBE), dtype=np.int64))
+    backend.train_step(PROBE, np.zeros(len(PROBE), dtype=np.int64))
+    backend.predict(PROBE)
+    assert tiny * 1.0 == tiny

@@ -221,49 +221,6 @@ def test_start_at_tail_and_explicit_offset_ranges(kafka_config, topic_factory, g
     assert [int(i) for b in window for i in b.x] == [11, 13, 15, 17]
 
 
-def test_vectorised_json_path_equals_feature_pipeline_parse():
-    from tensorstream.bridges.common import RecordDecoder, StreamOptions
-    from tensorstream.features import FeaturePipeline
-
-    spec = FeatureSpec(numeric=["*"])
-    opts = StreamOptions(topics=["t"], config="127.0.0.1:1", group_id="g", features=spec,
-                         label=LabelSpec(field="y", classes=[0, 1]))
-    dec = RecordDecoder(opts)
-    rng = np.random.default_rng(0)
-    good = [{"a": float(v), "b": int(v * 10), "c": bool(v > 0), "y": 1} for v in rng.normal(size=50)]
-    assert dec._parse_scalars(good) is None  # layout not fixed yet: the full parse fixes it
-    reference = FeaturePipeline(spec, label_field="y")
-    expected = reference.parse(good)
-    dec.features.parse(good[:1])
-    fast = dec._parse_scalars(good)
-    assert fast is not None and np.array_equal(fast.numeric, expected.numeric)
-    assert fast.good_idx.tolist() == expected.good_idx.tolist() and not fast.bad
-    for bad in ({"a": "1.5", "b": 1, "c": True}, {"a": float("nan"), "b": 1, "c": True},
-                {"a": 1.0, "c": True}, {"a": [1.0], "b": 1, "c": True}, {"a": None, "b": 1, "c": False}):
-        assert dec._parse_scalars(good[:3] + [bad]) is None, bad  # -> the full parse reports it
-
-
-def test_vectorised_labels_equal_label_encoder():
-    from tensorstream.bridges.common import RecordDecoder, StreamOptions
-    from tensorstream.features import LabelEncoder
-
-    def decoder(label):
-        return RecordDecoder(StreamOptions(topics=["t"], config="127.0.0.1:1", group_id="g",
-                                           features=FeatureSpec(numeric=["a"]), label=label))
-
-    fixed = LabelSpec(field="y", classes=[False, True])
-    recs = [{"y": v} for v in (True, False, 1, 0, 1.0, True)]
-    fast = decoder(fixed)._encode_labels(recs)
-    assert fast.tolist() == LabelEncoder(fixed).encode_batch(recs)[0].tolist() == [1, 0, 1, 0, 1, 1]
-    for bad in ({"y": 2}, {"y": "1"}, {"y": None}, {}, {"y": float("nan")}, {"y": np.int64(1)}):
-        assert decoder(fixed)._encode_labels(recs + [bad]) is None, bad  # -> encode_batch reports it
-    assert decoder(LabelSpec(field="y"))._encode_labels(recs) is None  # a growing set learns in order
-    reg = LabelSpec(field="y", task="regression")
-    vals = [{"y": v} for v in (1, 2.5, True)]
-    assert decoder(reg)._encode_labels(vals).tolist() == LabelEncoder(reg).encode_batch(vals)[0].tolist()
-    assert decoder(reg)._encode_labels(vals + [{"y": "3"}]) is None
-
-
 def _collect_garbage(_worker_id: int) -> None:
     import gc
 

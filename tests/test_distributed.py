@@ -90,6 +90,8 @@ def _spec(backend: str, topic: str, state_dir: Path, name: str, batch: int = 8):
         # 2 ranks x 8 records learn from the same union-batch size as 1 rank x 16.
         "batch": base.batch.model_copy(update={"max_size": batch, "max_wait_ms": 3000}),
         "checkpoint": base.checkpoint.model_copy(update={"every_records": 700, "every_seconds": 600}),
+        # Data-parallel ranks learn mini-batches whatever learn.learning says: so must the one-rank reference.
+        "learn": base.learn.model_copy(update={"learning": "mini_batch"}),
     })
 
 

@@ -158,6 +158,22 @@ def test_regression_exports_the_value(tmp_path):
     assert layout["output"] == {"name": "prediction", "dtype": "float32", "shape": [None, 1], "softmax": False}
 
 
+@pytest.mark.parametrize("backend, fmt", [("torch", "onnx"), ("tensorflow", "savedmodel")])
+def test_a_standardised_regression_target_is_exported_in_its_units(backend, fmt, tmp_path):
+    """label.standardize (on for an MLP): the graph ends with out * std + mean, as the live learner."""
+    spec = make_spec(backend, task="regression")
+    learner = OnlineLearner(spec, make_backend(backend))
+    for i in range(0, 200, 50):
+        learner.process([{**r, "y": 300.0 + 20 * r["long_url"]} for r in RECORDS[i:i + 50]])
+    assert learner.target is not None
+    result = export_learner(learner, fmt, tmp_path / ("reg.onnx" if fmt == "onnx" else "reg"))
+    layout = json.loads(layout_path(result.path).read_text())
+    run = load_exported(fmt, result.path, layout["input"]["name"], layout["output"]["name"])
+    got = run(encode_records(layout, RECORDS[-17:]))
+    np.testing.assert_allclose(got, live(learner, RECORDS[-17:]), rtol=1e-6, atol=1e-4)
+    assert abs(float(got.mean()) - 300) < 100  # the target's units, not the model's
+
+
 def test_builtin_model_crosses_frameworks(learners, tmp_path):
     """A torch-trained built-in MLP rebuilt on tensorflow exports a SavedModel that predicts the same."""
     torch_learner = learners["torch"]

@@ -336,3 +336,156 @@ def test_label_state_roundtrip():
     fixed = LabelEncoder(LabelSpec(field="y", classes=[0, 1]))
     with pytest.raises(ValueError, match="classes"):
         fixed.load_state_dict(state)
+
+
+# ------------------------------------------------- columnar extraction, dotted paths
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tensorstream.features.columns import FieldPath  # noqa: E402
+
+_MISSING = object()
+_NUMBERS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64), st.integers(-(10**40), 10**40), st.booleans(),
+    st.floats(min_value=-1e6, max_value=1e6).map(np.float32), st.integers(-5, 5).map(np.int64),
+)
+_VALUES = st.one_of(_NUMBERS, st.text(max_size=3), st.none(), st.just(_MISSING), st.lists(st.integers(0, 3), max_size=2))
+_CATS = st.one_of(st.sampled_from(["red", "blue", "green", "x.y"]), st.integers(-3, 3), st.booleans(),
+                  st.floats(-3, 3), st.none(), st.just(_MISSING))
+
+
+def _record(a, b, v, c) -> dict:
+    rec = {"a": a, "b": b, "u": {"v": v}, "c": c, "y": 1}
+    return {k: (val if not isinstance(val, dict) else {kk: vv for kk, vv in val.items() if vv is not _MISSING})
+            for k, val in rec.items() if val is not _MISSING}
+
+
+def _reference_transform(fp: FeaturePipeline, parsed, update: bool) -> np.ndarray:
+    """The per-row transform as it was before the vectorised one (the reference)."""
+    s = fp.spec
+    n, d = len(parsed), fp._scaler.n_features
+    X = np.zeros((n, fp.n_features), dtype=np.float32)
+    if update:
+        fp._scaler.update(parsed.numeric)
+    X[:, :d] = fp._scaler.transform(parsed.numeric) if s.standardize else parsed.numeric
+    for j, name in enumerate(s.categorical):
+        base, vocab = d + j * (s.max_categories + 1), fp._vocab[name]
+        for r in range(n):
+            key = parsed.categories[r][j]
+            slot = vocab.get(key)
+            if slot is None:
+                if len(vocab) >= s.max_categories:
+                    slot = s.max_categories
+                elif update:
+                    slot = vocab[key] = len(vocab)
+                else:
+                    continue
+            X[r, base + slot] = 1.0
+    return X
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_VALUES, _VALUES, _VALUES, _CATS), min_size=1, max_size=12), st.booleans())
+def test_columnar_parse_and_transform_equal_the_per_record_path(rows, update):
+    spec = fs(numeric=["a", "b", "u.v"], categorical=["c"], max_categories=2)
+    fast, slow = FeaturePipeline(spec, "y"), FeaturePipeline(spec, "y")
+    first = [{"a": 1.0, "b": 2, "u": {"v": 0.5}, "c": "red", "y": 0}]
+    for fp in (fast, slow):
+        fp.transform_batch(first, update=True)  # fixes the layout
+    records = [_record(*r) for r in rows]
+    got, want = fast.parse(records), slow._parse_rows(records, range(len(records)))
+    assert got.good_idx.tolist() == want.good_idx.tolist()
+    assert [b.to_dict() for b in got.bad] == [b.to_dict() for b in want.bad]
+    np.testing.assert_array_equal(got.numeric, want.numeric)
+    assert [list(c) for c in got.categories] == [list(c) for c in want.categories]
+    X = fast.transform_parsed(got, update=update)
+    np.testing.assert_array_equal(X, _reference_transform(slow, want, update))
+    assert fast.state_dict().keys() == slow.state_dict().keys()
+    for k, v in fast.state_dict().items():
+        np.testing.assert_array_equal(v, slow.state_dict()[k])
+
+
+def test_hashed_categoricals_and_array_records_take_the_fast_path_with_the_same_result():
+    spec = fs(numeric=["a"], categorical=["c"], categorical_encoding="hash", hash_buckets=8)
+    fp = FeaturePipeline(spec)
+    recs = [{"a": float(i), "c": ["x", "y", 3][i % 3]} for i in range(9)]
+    X, good, bad = fp.transform_batch(recs, update=True)
+    assert not bad and good.tolist() == list(range(9))
+    for r, row in zip(recs, X, strict=True):
+        assert row[1 + stable_bucket(str(r["c"]), 8)] == 1.0 and row[1:].sum() == 1.0
+    arr = FeaturePipeline(fs(numeric=["*"]))
+    frames = [np.arange(3, dtype=np.float32) + i for i in range(4)] + [np.array([1.0, np.inf, 0.0])]
+    X, good, bad = arr.transform_batch(frames, update=False)
+    assert good.tolist() == [0, 1, 2, 3] and [(b.index, b.error_type) for b in bad] == [(4, "non_finite")]
+
+
+def test_dotted_paths_reach_into_nested_records_and_a_literal_key_wins():
+    fp = FeaturePipeline(fs(numeric=["user.age", "score"], categorical=["user.country"], standardize=False),
+                         label_field="label.value")
+    recs = [
+        {"user": {"age": 41, "country": "fr"}, "score": 1.5, "label": {"value": 1}},
+        {"user.age": 7, "user": {"age": 99, "country": "de"}, "score": 0.0},  # the literal key wins
+        {"user": {"country": "fr"}, "score": 2.0},  # no age
+        {"user": "not a mapping", "score": 2.0},
+    ]
+    X, good, bad = fp.transform_batch(recs, update=True)
+    assert good.tolist() == [0, 1] and X[:, :2].tolist() == [[41.0, 1.5], [7.0, 0.0]]
+    assert [(b.index, b.error_type, b.field) for b in bad] == [(2, "missing_field", "user.age"),
+                                                               (3, "missing_field", "user.age")]
+    enc = LabelEncoder(LabelSpec(field="label.value", classes=[0, 1]))
+    y, good, bad = enc.encode_batch(recs)
+    assert y.tolist() == [1] and good.tolist() == [0] and bad[0].error_type == "missing_field"
+    assert FieldPath("a..b").dotted is False and FieldPath("plain").dotted is False
+    with pytest.raises(ValueError, match="cannot also be a feature"):
+        FeaturePipeline(fs(numeric=["label.value"]), label_field="label.value")
+
+
+def test_running_standardizer_per_row_equals_one_update_per_row():
+    rng = np.random.default_rng(1)
+    x = rng.normal(1e3, 5.0, size=(300, 3))
+    one, rows = RunningStandardizer(3), RunningStandardizer(3)
+    want = []
+    for i in range(300):
+        one.update(x[i:i + 1])
+        want.append(one.transform(x[i:i + 1])[0])
+    got = []
+    for i in range(0, 300, 64):
+        mean, std = rows.running(x[i:i + 64])
+        got.append((x[i:i + 64] - mean[1:]) / std[1:])
+    np.testing.assert_allclose(np.concatenate(got), np.array(want), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rows.m2, one.m2, rtol=1e-12)
+    assert rows.count.tolist() == [300.0] * 3
+
+
+def test_plain_json_records_never_take_the_per_record_path(monkeypatch):
+    fp = FeaturePipeline(fs(numeric=["a", "n.b"], categorical=["c"]), "y")
+    fp.transform_batch([{"a": 1.0, "n": {"b": 2}, "c": "x", "y": 0}], update=True)
+
+    def per_record(*args):
+        raise AssertionError("the fast path should have taken these")
+
+    monkeypatch.setattr(fp, "_parse_rows", per_record)
+    X, good, bad = fp.transform_batch([{"a": i, "n": {"b": 0.5 * i}, "c": ["x", 7][i % 2], "y": 1}
+                                       for i in range(50)], update=True)
+    assert good.tolist() == list(range(50)) and not bad
+
+
+def test_label_batches_take_the_column_path_with_the_record_by_record_result(monkeypatch):
+    """Known classes (by value: True == 1 == 1.0) and plain regression numbers in one pass; anything
+    else (a new class, NaN, a string, a missing label, numpy values) record by record, reported as before."""
+    fixed = LabelSpec(field="y", classes=[False, True])
+    recs = [{"y": v} for v in (True, False, 1, 0, 1.0, True)]
+    enc = LabelEncoder(fixed)
+    monkeypatch.setattr(enc, "_encode_rows", lambda *a: pytest.fail("the column path should take these"))
+    assert enc.encode_batch(recs)[0].tolist() == [1, 0, 1, 0, 1, 1]
+    reg = LabelSpec(field="y", task="regression")
+    assert LabelEncoder(reg).encode_batch([{"y": v} for v in (1, 2.5, True)])[0].tolist() == [1.0, 2.5, 1.0]
+    for bad in ({"y": 2}, {"y": "1"}, {"y": None}, {}, {"y": float("nan")}, {"y": np.int64(1)}):
+        got = LabelEncoder(fixed).encode_batch(recs + [bad])
+        want = LabelEncoder(fixed)._encode_rows(recs + [bad], range(7), True)
+        assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+        assert [b.to_dict() for b in got[2]] == [b.to_dict() for b in want[2]], bad
+    for bad in ({"y": "3"}, {"y": float("inf")}, {"y": 1e39}):
+        got = LabelEncoder(reg).encode_batch([{"y": 1}, bad])
+        assert got[1].tolist() == [0] and got[2][0].index == 1

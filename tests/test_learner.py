@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from river import datasets, metrics, utils
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
@@ -127,7 +129,7 @@ def test_fake_backend_satisfies_the_protocol():
 
 
 def test_first_batch_is_predicted_by_the_untrained_model_then_learned():
-    spec = make_spec()
+    spec = make_spec(learn={"learning": "mini_batch"})
     backend = FakeBackend()
     learner = OnlineLearner(spec, backend)
     recs = stream(8)
@@ -215,7 +217,8 @@ def test_growing_classes_a_new_class_is_not_handed_to_its_own_prediction():
 
 
 def test_regression():
-    spec = make_spec(label={"field": "y", "task": "regression"}, model={"kind": "linear", "optimizer": {"lr": 0.1}})
+    spec = make_spec(label={"field": "y", "task": "regression"}, model={"kind": "linear", "optimizer": {"lr": 0.1}},
+                     learn={"learning": "mini_batch"})
     rng = np.random.default_rng(0)
     recs = [{"a": float(a), "y": float(3 * a + 1)} for a in rng.normal(size=400)]
     learner = OnlineLearner(spec, FakeBackend())
@@ -279,6 +282,61 @@ def test_multiclass_and_regression_metrics_match_river():
         mae.update(a, b)
         rmse.update(a, b)
     assert (r.snapshot()["mae"], r.snapshot()["rmse"]) == pytest.approx((mae.get(), rmse.get()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from([("classification", 2), ("classification", 3), ("regression", 1)]),
+       st.lists(st.integers(1, 40), min_size=1, max_size=12), st.integers(1, 30), st.integers(1, 20))
+def test_vectorised_metrics_equal_rivers_record_by_record(seed, task_outputs, sizes, window, every):
+    """Random batches (predictions of -1 included) against River's classes fed one record at a
+    time; a state round trip half-way changes nothing."""
+    task, k = task_outputs
+    rng = np.random.default_rng(seed)
+    m = PrequentialMetrics(task, k, window, history_every=every)
+    if task == "regression":
+        ref = {"mae": metrics.MAE, "rmse": metrics.RMSE}
+    elif k == 2:
+        ref = {"accuracy": metrics.Accuracy, "f1": lambda: metrics.F1(pos_val=1), "log_loss": metrics.LogLoss}
+    else:
+        ref = {"accuracy": metrics.Accuracy, "macro_f1": metrics.MacroF1, "cross_entropy": metrics.CrossEntropy}
+    overall = {name: make() for name, make in ref.items()}
+    rolling = {name: utils.Rolling(metrics.F1, window_size=window, pos_val=1) if name == "f1"
+               else utils.Rolling(make, window_size=window) for name, make in ref.items()}
+    history, n = [], 0
+    for b, size in enumerate(sizes):
+        if task == "regression":
+            yt, yp, P = rng.normal(size=size), rng.normal(size=size), None
+        else:
+            P = rng.dirichlet(np.ones(k), size=size)
+            P[rng.random(size) < 0.1, 0] = 0.0  # a certain mistake now and then: the log clamp
+            yt, yp = rng.integers(0, k, size), np.where(rng.random(size) < 0.1, -1, P.argmax(axis=1))
+        m.update(yt, yp, P)
+        for i in range(size):
+            for name in ref:
+                if name == "log_loss":
+                    args = (bool(yt[i] == 1), float(P[i, 1]))
+                elif name == "cross_entropy":
+                    args = (int(yt[i]), {int(yt[i]): float(P[i, yt[i]])})
+                elif task == "regression":
+                    args = (float(yt[i]), float(yp[i]))
+                else:
+                    args = (int(yt[i]), int(yp[i]))
+                overall[name].update(*args)
+                rolling[name].update(*args)
+            n += 1
+            if n % every == 0:
+                history.append((n, rolling[m.headline].get()))
+        if b == len(sizes) // 2:  # through a checkpoint
+            restored = PrequentialMetrics(task, k, window, history_every=every)
+            restored.load_state_dict(through_safetensors(m.state_dict()))
+            m = restored
+    snap = m.snapshot()
+    for name in ref:
+        assert snap[name] == pytest.approx(overall[name].get(), rel=1e-9, abs=1e-12), name
+        assert snap[f"{name}_window"] == pytest.approx(rolling[name].get(), rel=1e-9, abs=1e-9), name
+    assert [h[0] for h in m.history] == [h[0] for h in history]
+    np.testing.assert_allclose([h[1] for h in m.history], [h[1] for h in history], rtol=1e-9, atol=1e-12)
+    assert snap["n_scored"] == n
 
 
 def test_history_every_n_records():
@@ -355,10 +413,15 @@ def test_replay_adds_past_records_to_each_step():
             sizes.append(len(x))
             return super().train_step(x, y)
 
-    learner = OnlineLearner(make_spec(), Recording(), replay=3)
+    learner = OnlineLearner(make_spec(learn={"learning": "mini_batch"}), Recording(), replay=3)
     for batch in batches(stream(12), 4):
         learner.process(batch)
     assert sizes == [4, 7, 7]  # nothing to replay before the first batch
+    sizes.clear()  # per record: one step per record, the first alone, then with 3 replayed rows
+    learner = OnlineLearner(make_spec(), Recording(), replay=3)
+    for batch in batches(stream(12), 4):
+        learner.process(batch)
+    assert sizes == [1] + [4] * 11
 
 
 # --------------------------------------------------- the examples, in memory
@@ -448,3 +511,24 @@ def test_real_backend_state_roundtrip_continues_identically(backend_name):
         oa, ob = a.process(batch), b.process(batch)
         assert oa.predictions == ob.predictions and oa.loss == ob.loss
     assert a.snapshot() == pytest.approx(b.snapshot())
+
+
+@pytest.mark.parametrize("cap, k, batch", [(5, 3, 4), (10, 2, 25), (50, 7, 64), (3, 1, 7)])
+@pytest.mark.parametrize("mode", ["recent", "reservoir"])
+def test_replay_draws_per_record_equal_one_sample_and_add_per_record(cap, k, batch, mode):
+    from tensorstream.learn.replay import ReplayBuffer
+
+    a, b = ReplayBuffer(k, cap, seed=1, mode=mode), ReplayBuffer(k, cap, seed=1, mode=mode)
+    rng = np.random.default_rng(0)
+    for t in range(0, 6 * batch, batch):
+        x, y = rng.normal(size=(batch, 2)).astype(np.float32), np.arange(t, t + batch)
+        (rx, ry, rw), _ = a.sample_steps(x, y)
+        for i in range(batch):
+            sx, sy = b.sample()
+            assert rw[i].all() if len(sx) else not rw[i].any()
+            if len(sx):
+                np.testing.assert_array_equal(rx[i], sx)
+                np.testing.assert_array_equal(ry[i], sy)
+            b.add(x[i:i + 1], y[i:i + 1])
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(np.array_equal(sa[key], sb[key]) for key in sa)

@@ -41,14 +41,16 @@ def test_metrics_scraped_during_a_real_run(kafka_config, topic_factory, tmp_path
         "source": base.source.model_copy(update={"topic": src}),
         "sink": base.sink.model_copy(update={"topic": src + ".pred"}),
     })
-    # River's Phishing (1250 records) with 3 bad records in the middle: those go to the DLQ, counted by type.
+    # River's Phishing (1250 records) 8 times, with 3 bad records in the middle: those go to the DLQ, counted
+    # by type. 8 passes: the run must last a few seconds (the lag gauge is refreshed once a second).
+    passes = 8
     with KafkaSink(kafka_config) as sink:
-        for i, rec in enumerate(open_source("river:Phishing")):
+        for i, rec in enumerate(r for _ in range(passes) for r in open_source("river:Phishing")):
             if i in BAD:
                 sink.produce(src, BAD[i], key=b"bad")
             sink.produce(src, encode_json(rec))
         sink.flush()
-    n_good = 1250
+    n_good = 1250 * passes
 
     pipe = Pipeline(spec, kafka_config, metrics_port=0)  # port 0: a free one
     url = pipe.obs.url

@@ -150,8 +150,12 @@ class SinkSpec(_Strict):
 class FeatureSpec(_Strict):
     """Record fields -> one float32 feature vector.
 
-    ``numeric: ["*"]`` takes every numeric (int/float/bool) field of the record
-    except the label, in sorted name order, fixed at the first record seen.
+    ``numeric: ["*"]`` takes every numeric (int/float/bool) top-level field of
+    the record except the label, in sorted name order, fixed at the first record
+    seen. A listed field (numeric or categorical) may be a dotted path into nested
+    mappings: ``user.age`` reads ``{"user": {"age": 41}}``; when the record has a
+    key that is literally ``user.age``, that key wins (flat records whose names
+    contain dots keep working). A path that does not resolve is a missing field.
     """
 
     numeric: list[str] = Field(default_factory=list)
@@ -175,6 +179,10 @@ class FeatureSpec(_Strict):
 
 
 class LabelSpec(_Strict):
+    """The label: where it is in a record, and what the model learns from it."""
+
+    #: the label's field; a dotted path reads nested mappings (``target.value``), but a
+    #: key that exists literally with the dots wins
     field: str = Field(min_length=1)
     task: Literal["classification", "regression"] = "classification"
     #: fixed class set (labels outside it are bad records); None = growing set
@@ -185,6 +193,25 @@ class LabelSpec(_Strict):
     #: field and none with it: a misspelt ``field`` must not look like a run (0: never stop;
     #: a warning comes after 100). Labels from a second topic (``labels:``) are not counted.
     missing_limit: int = Field(default=1000, ge=0)
+    #: regression: the model learns the target standardised with running statistics
+    #: (checkpointed); predictions and metrics are turned back into the target's units.
+    #: None (default): on for ``model.kind: mlp``, off otherwise. An MLP's output starts
+    #: near 0 with unit-scale weights and Adam moves it by about ``lr`` per step, so a
+    #: target of mean 20 takes thousands of records just to reach its mean (measured
+    #: before this switch: MAE 3.66 where predicting the mean gives 1.57)
+    standardize: bool | None = None
+
+    def scales_target(self, model: ModelSpec) -> bool:
+        """Whether the regression target is standardised for ``model`` (see ``standardize``)."""
+        if self.task != "regression":
+            return False
+        return self.standardize if self.standardize is not None else model.kind == "mlp"
+
+    @model_validator(mode="after")
+    def _standardize_is_for_regression(self) -> LabelSpec:
+        if self.standardize and self.task != "regression":
+            raise ValueError("standardize applies to a regression target (task: regression)")
+        return self
 
     @property
     def n_outputs(self) -> int:
@@ -260,6 +287,17 @@ class ModelSpec(_Strict):
 
 class LearnSpec(_Strict):
     """Online-learning options beyond the model itself."""
+
+    #: ``per_record``: every record is predicted by the model that learned all records
+    #: before it (in its batch too), then learned with its own optimizer step, the whole
+    #: batch in one compiled call (TorchScript / an XLA while loop); the batch size only
+    #: changes the speed: predictions equal those at batch 1. ``mini_batch``: a batch is
+    #: predicted by the model as it was before the batch, then learned in one step.
+    #: Default ``per_record``: on River's Phishing and Agrawal it keeps batch-1 accuracy
+    #: at any batch size, at several times the speed of batch-1 mini-batches; mini-batches
+    #: of 64 are faster still but lose accuracy on short streams (Phishing: 0.83 vs 0.89;
+    #: figures in docs/benchmarks.md). Data-parallel training always learns mini-batches.
+    learning: Literal["per_record", "mini_batch"] = "per_record"
 
     #: experience replay: each train step also learns this many records drawn
     #: (seeded) from a buffer of recently learned ones; 0 = off. Helps small

@@ -7,11 +7,17 @@ framework type. Adding a framework means adding one module beside this one.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from tensorstream.spec import ModelSpec
+
+#: The largest gradient magnitude an update may carry. Adam's second moment is a
+#: running mean of g**2; keeping |g| below 1e18 keeps g**2 (1e36) two orders of
+#: magnitude under float32's max (3.4e38), so no single record can turn an
+#: optimizer slot into inf. Larger (or non-finite) gradients are refused.
+MAX_GRAD = 1e18
 
 
 @runtime_checkable
@@ -53,3 +59,45 @@ class LearningRateControl(Protocol):
 
     def set_learning_rate(self, lr: float) -> None:
         """Use ``lr`` from the next ``train_step`` on."""
+
+
+class SequentialResult(NamedTuple):
+    """What :meth:`SequentialLearning.learn_sequential` returns, one entry per row."""
+
+    #: float32 [n, n_outputs]: what ``predict`` gave for row i just before row i was learned
+    out: np.ndarray
+    #: float32 [n]: the loss of row i's step, before the step; NaN where nothing was learned
+    loss: np.ndarray
+    #: bool [n]: rows whose update was refused (non-finite loss, or a gradient beyond ``MAX_GRAD``)
+    skipped: np.ndarray
+
+
+@runtime_checkable
+class SequentialLearning(Protocol):
+    """Exact test-then-train over a batch in one call (both built-in backends have it).
+
+    Row by row: predict with the current weights, then take one optimizer step
+    on that row (plus its replay rows), so a batch of n gives what n calls of
+    ``predict`` + ``train_step`` on one row each give, in one compiled call.
+    """
+
+    def learn_sequential(
+        self, x: np.ndarray, y: np.ndarray, learn: np.ndarray | None = None,
+        replay: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> SequentialResult:
+        """``x`` [n, d], ``y`` [n]; ``learn`` bool [n] (False: predict only, no step;
+        default all); ``replay`` (``rx`` [n, k, d], ``ry`` [n, k], ``rw`` float32 [n, k]):
+        rows learned in the same step as row i, weighted ``rw`` (0 = no row)."""
+
+
+@runtime_checkable
+class GuardedTraining(Protocol):
+    """``train_step`` that reports the rows it refused (both built-in backends have it)."""
+
+    def train_guarded(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
+        """One step on the rows whose loss and gradient are finite (and below ``MAX_GRAD``).
+
+        Returns the mean loss of the rows learned (NaN if none) and a bool mask
+        of the refused rows (None when every row was learned). Refused rows
+        change nothing: weights and optimizer slots are as if they were absent.
+        """

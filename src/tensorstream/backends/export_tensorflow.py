@@ -43,6 +43,17 @@ class _Standardize(keras.layers.Layer):
         return ops.concatenate([num, x[:, self.d :]], axis=1) if self.d < self.n else num
 
 
+class _Unstandardize(keras.layers.Layer):
+    """out * std + mean in float64 (a standardised regression target back in its units); constants."""
+
+    def __init__(self, mean: float, std: float, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        self.mean, self.std = float(mean), float(std)
+
+    def call(self, out):  # noqa: ANN001, ANN201
+        return ops.cast(ops.cast(out, "float64") * self.std + self.mean, "float32")
+
+
 def inference_model(net: keras.Model, graph: InferenceGraph) -> keras.Model:
     """features [batch, n] -> {output_name: probabilities (or the regression value)}."""
     inp = keras.Input((graph.n_features,), name=graph.input_name, dtype="float32")
@@ -51,6 +62,8 @@ def inference_model(net: keras.Model, graph: InferenceGraph) -> keras.Model:
         assert graph.mean is not None and graph.std is not None
         x = _Standardize(graph.mean, graph.std, graph.n_features, name="standardize")(x)
     out = net(x, training=False)
+    if graph.target is not None:
+        out = _Unstandardize(*graph.target, name="target")(out)
     if graph.softmax:
         out = keras.layers.Softmax(name="softmax")(out)
     return keras.Model(inp, {graph.output_name: out}, name="tensorstream_inference")

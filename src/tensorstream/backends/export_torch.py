@@ -46,6 +46,7 @@ class InferenceModule(nn.Module):
             # float64, like the live scaler: (x - mean) / std then float32
             self.register_buffer("mean", torch.tensor(graph.mean, dtype=torch.float64))
             self.register_buffer("std", torch.tensor(graph.std, dtype=torch.float64))
+        self.target = graph.target  # (mean, std) of a standardised regression target
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features
@@ -53,6 +54,8 @@ class InferenceModule(nn.Module):
             num = ((x[:, : self.d].to(torch.float64) - self.mean) / self.std).to(torch.float32)
             x = torch.cat([num, x[:, self.d :]], dim=1) if self.d < self.n else num
         out = self.net(x)
+        if self.target is not None:  # back to the target's units, in float64 as the live learner
+            out = (out.to(torch.float64) * self.target[1] + self.target[0]).to(torch.float32)
         return torch.softmax(out, dim=1) if self.softmax else out
 
 

@@ -121,3 +121,24 @@ def convert_momentum(state: dict[str, np.ndarray], to: str, lr: float) -> dict[s
             key, value = key[: -len(src)] + to, (np.asarray(value, np.float64) * factor).astype(np.float32)
         out[key] = value
     return out
+
+
+def sequential_steps(
+    x: np.ndarray, y: np.ndarray, learn: np.ndarray | None,
+    replay: tuple[np.ndarray, np.ndarray, np.ndarray] | None, task: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The per-row steps of ``learn_sequential``: ``xs`` [n, m, d], ``ys`` [n, m], ``ws`` [n, m], ``learn`` [n].
+
+    Step i learns row i (weight 1) and its replay rows (weights ``rw``, 0 for
+    an empty slot): m = 1 + k rows. Both backends take these arrays as they are.
+    """
+    n = len(x)
+    y = np.asarray(y, dtype=np.int64 if task == "classification" else np.float32).reshape(n)
+    learn = np.ones(n, dtype=bool) if learn is None else np.asarray(learn, dtype=bool).reshape(n)
+    if replay is None or replay[0].shape[1] == 0:
+        return x[:, None, :], y[:, None], np.ones((n, 1), np.float32), learn
+    rx, ry, rw = replay
+    xs = np.concatenate([x[:, None, :], np.asarray(rx, np.float32)], axis=1)
+    ys = np.concatenate([y[:, None], np.asarray(ry, y.dtype)], axis=1)
+    ws = np.concatenate([np.ones((n, 1), np.float32), np.asarray(rw, np.float32)], axis=1)
+    return np.ascontiguousarray(xs), np.ascontiguousarray(ys), ws, learn

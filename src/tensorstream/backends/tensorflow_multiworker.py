@@ -48,6 +48,8 @@ class TensorflowMultiWorkerBackend(TensorflowBackend):
 
     name = "tensorflow"  # same model, same state names: its checkpoints load into TensorflowBackend
     engine = "tensorflow"
+    #: steps are collective (every rank in lock-step): no per-record loop, no per-row retry
+    sequential = False
 
     def __init__(self) -> None:
         self.rank, self.world_size = 0, 1
@@ -121,11 +123,7 @@ class TensorflowMultiWorkerBackend(TensorflowBackend):
         def replica(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape() as tape:
                 out = self._net(x, training=True)
-                if self._loss == "cross_entropy":
-                    per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
-                else:
-                    per_row = tf.square(out[:, 0] - y)
-                weighted = tf.reduce_sum(per_row * w)  # this rank's share of the union-batch mean
+                weighted = tf.reduce_sum(self._per_row(out, y) * w)  # this rank's share of the union-batch mean
                 total = weighted
                 if self._net.losses:  # regularizers: each rank adds 1/W of them to the sum
                     total = weighted + tf.add_n(self._net.losses) / float(self.world_size)
@@ -139,6 +137,10 @@ class TensorflowMultiWorkerBackend(TensorflowBackend):
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         x, y = common.check_batch(x, y, self._n_features, self._n_outputs, self._task)
         return self._step(x, y)
+
+    def train_guarded(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
+        # No finiteness guard across ranks yet (the replica step applies the optimizer itself).
+        return self.train_step(x, y), None
 
     def empty_step(self) -> None:
         """Join this step's all-reduces with no rows (a rank that has nothing to learn)."""

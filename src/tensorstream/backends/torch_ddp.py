@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from tensorstream.backends import init as common
-from tensorstream.backends.torch import TorchBackend
+from tensorstream.backends.torch import TorchBackend, flushing_denormals
 from tensorstream.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class TorchDDPBackend(TorchBackend):
 
     name = "torch"  # same model, same state names: its checkpoints load into TorchBackend
     engine = "torch"
+    #: steps are collective (every rank in lock-step): no per-record loop, no per-row retry
+    sequential = False
 
     def __init__(self) -> None:
         self.rank, self.world_size = 0, 1
@@ -95,11 +97,17 @@ class TorchDDPBackend(TorchBackend):
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         x, y = common.check_batch(x, y, self._n_features, self._n_outputs, self._task)
-        return self._step(x, y)
+        with flushing_denormals():
+            return self._step(x, y)
+
+    def train_guarded(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
+        # A refused step is refused on every rank (the gradients are all-reduced), with no per-row retry.
+        return self.train_step(x, y), None
 
     def empty_step(self) -> None:
         """Join this step's all-reduces with no rows (a rank that has nothing to learn)."""
-        self._step(None, None)
+        with flushing_denormals():
+            self._step(None, None)
 
     def _step(self, x: np.ndarray | None, y: np.ndarray | None) -> float:
         n = 0 if x is None else len(x)
@@ -129,10 +137,7 @@ class TorchDDPBackend(TorchBackend):
             for _, p, _ in self._params:
                 if p.grad is not None:
                     p.grad.mul_(self.world_size / total)
-        if wd := self._opt_spec.weight_decay:
-            with torch.no_grad():
-                for _, p, _ in self._params:
-                    p.sub_(p * wd * self._opt_spec.lr)
+        # Weight decay and the finiteness guard are the optimizer's; the gradients are the same
+        # on every rank here, so every rank takes (or refuses) the step alike.
         self._opt.step()
-        self._steps += 1
         return float(summed.detach()) / n if n else math.nan

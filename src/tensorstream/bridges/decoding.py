@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +11,7 @@ import numpy as np
 from confluent_kafka import Message
 
 from tensorstream.codecs import DecodeError, decode_frames, get_codec
-from tensorstream.features import FeaturePipeline, LabelEncoder, ParsedBatch
-from tensorstream.features.records import FLOAT32_MAX
+from tensorstream.features import FeaturePipeline, LabelEncoder
 from tensorstream.kafka import Record
 
 from tensorstream.bridges.options import ArraySig, Decoded, StreamOptions
@@ -66,7 +63,6 @@ class RecordDecoder:
         self.features: FeaturePipeline | None = None
         self.labels: LabelEncoder | None = None
         self.update = opts.feature_state is None
-        self._class_index: dict[Any, int] | None = None  # fixed classes -> index, for _encode_labels
         if opts.features is not None:
             self.features = FeaturePipeline(opts.features, label_field=opts.label.field if opts.label else None)
             if opts.label is not None:
@@ -144,17 +140,13 @@ class RecordDecoder:
     def _features(self, messages: Sequence[Message]) -> DecodedBatch:
         assert self.features is not None
         records, index, bad = self._decode_values(messages)
-        parsed = self._parse_scalars(records) or self.features.parse(records)
+        parsed = self.features.parse(records)  # column by column (features.columns)
         bad.extend((index[b.index], b.error_type, b.message) for b in parsed.bad)
         keep = None
         y = None
         if self.labels is not None:
             labelled = [records[i] for i in parsed.good_idx]
-            fast = self._encode_labels(labelled)
-            if fast is not None:
-                y, lgood, lbad = fast, np.arange(len(labelled)), []
-            else:
-                y, lgood, lbad = self.labels.encode_batch(labelled, update=self.update)
+            y, lgood, lbad = self.labels.encode_batch(labelled, update=self.update)
             bad.extend((index[int(parsed.good_idx[b.index])], b.error_type, b.message) for b in lbad)
             keep = np.zeros(len(parsed), dtype=bool)
             keep[lgood] = True
@@ -163,68 +155,6 @@ class RecordDecoder:
         good = np.asarray([index[i] for i in good_idx], dtype=np.int64)
         bad.sort()
         return DecodedBatch(x if y is None else (x, y), good, bad)
-
-    def _encode_labels(self, records: list[Any]) -> np.ndarray | None:
-        """``LabelEncoder.encode_batch`` for the common case, vectorised; None when it does not apply.
-
-        A fixed class set and plain str/bool/int/float labels, all known: a
-        dict lookup gives the same by-value class index (``True == 1 == 1.0``
-        hash and compare equal). Regression: plain finite numbers. Anything
-        else (missing, unknown, NaN, numpy values, a growing class set) goes
-        through ``encode_batch``, which reports each bad label.
-        """
-        enc = self.labels
-        assert enc is not None
-        field = enc.field
-        try:
-            values = [r[field] for r in records]
-        except (KeyError, TypeError, IndexError):
-            return None
-        if not {type(v) for v in values} <= _PLAIN_LABELS:
-            return None
-        if enc.task == "regression":
-            if str in {type(v) for v in values}:
-                return None
-            y = np.array(values, dtype=np.float64)
-            ok = np.isfinite(y).all() and (not y.size or np.abs(y).max() <= FLOAT32_MAX)
-            return y.astype(np.float32) if ok else None
-        if not enc.fixed:
-            return None
-        if self._class_index is None:
-            self._class_index = {c: i for i, c in enumerate(enc.classes)}
-        idx = [self._class_index.get(v) for v in values]
-        if None in idx:
-            return None
-        return np.array(idx, dtype=np.int64)
-
-    def _parse_scalars(self, records: list[Any]) -> ParsedBatch | None:
-        """``FeaturePipeline.parse`` for the common case, vectorised; None when it does not apply.
-
-        Applies when the layout is fixed and made of scalar numeric fields only
-        and every record has them as plain int/float/bool, finite: then the
-        result is exactly what ``parse`` returns (the float64 values of those
-        fields, no bad record), about 5x faster. Anything else (a missing field,
-        a string, NaN, arrays, categoricals) goes through ``parse``, which
-        reports each bad record the same way it always does.
-        """
-        fp = self.features
-        assert fp is not None
-        names = fp.numeric_fields
-        if not records or names is None or fp.spec.categorical or fp.numeric_width != len(names):
-            return None
-        get = operator.itemgetter(*names)
-        try:
-            rows = list(map(get, records))
-        except (KeyError, TypeError, IndexError):
-            return None
-        if len(names) == 1:
-            rows = [(v,) for v in rows]  # itemgetter of one name returns the bare value
-        if not set(map(type, itertools.chain.from_iterable(rows))) <= _PLAIN_NUMBERS:
-            return None
-        numeric = np.array(rows, dtype=np.float64).reshape(len(records), len(names))
-        if not np.isfinite(numeric).all() or (numeric.size and np.abs(numeric).max() > FLOAT32_MAX):
-            return None  # parse() reports them (non_finite / out_of_range)
-        return ParsedBatch(numeric, [[] for _ in records], np.arange(len(records), dtype=np.int64), [])
 
     def _frames(self, messages: Sequence[Message]) -> DecodedBatch:
         values = [m.value() for m in messages]
@@ -265,8 +195,6 @@ class RecordDecoder:
         return decode_frames([values[i] for i in good]), np.asarray(good, dtype=np.int64), bad
 
 
-_PLAIN_NUMBERS = {int, float, bool}
-_PLAIN_LABELS = {int, float, bool, str}
 
 
 def raw_messages(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:

@@ -96,6 +96,7 @@ def _run_one(spec: Any, control: Any, engine: list[Any], *, bootstrap_servers: s
              allow_empty: bool = False) -> None:
     from tensorstream.checkpoint import CheckpointError, StateFileError
     from tensorstream.data.produce import produce_records
+    from tensorstream.kafka.admin import KafkaConnectError
     from tensorstream.pipeline import Pipeline, PipelineError, Progress
 
     servers = resolve_bootstrap(bootstrap_servers, allow_embedded=True)
@@ -137,9 +138,9 @@ def _run_one(spec: Any, control: Any, engine: list[Any], *, bootstrap_servers: s
             try:
                 result = pipe.run(until_end=until_end, max_records=max_records, timeout=timeout)
                 views.result(key, result)
-            except PipelineError as e:
+            except (PipelineError, KafkaConnectError) as e:
                 views.error(key, str(e))
-                fail(str(e), code=e.exit_code)
+                fail(str(e), code=getattr(e, "exit_code", 1))
             finally:
                 views.close()
                 pipe.obs.close()
@@ -165,7 +166,9 @@ def print_result(result: Any, *, as_json: bool = False) -> None:
     """The run's figures on stdout: one JSON object with ``as_json``, else ``name value`` lines
     (counts as integers, rates and metrics with 4 decimals)."""
     counts = {"records": result.records, "predictions": result.predictions, "dead_letters": result.bad}
-    metrics = {k: (int(v) if k.startswith("n_") and float(v).is_integer() else v) for k, v in result.metrics.items()}
+    # inference learns nothing: its learner's metrics are the loaded model's, from its training: not shown
+    shown = {} if result.mode == "infer" else result.metrics
+    metrics = {k: (int(v) if k.startswith("n_") and float(v).is_integer() else v) for k, v in shown.items()}
     if as_json:
         out.print_json(json.dumps({**counts, "records_per_s": result.records_per_s, "metrics": metrics,
                                    "model_version": result.model_version, "first_bad": result.first_bad},
@@ -175,6 +178,7 @@ def print_result(result: Any, *, as_json: bool = False) -> None:
                   f"{result.bad:,} dead letters, {result.records_per_s:,.0f} rec/s")
     for k, v in {**counts, "records_per_s": round(result.records_per_s, 1), **metrics}.items():
         out.print(f"{k:<20} {v}" if isinstance(v, int) else f"{k:<20} {v:.4f}", highlight=False, soft_wrap=True)
+    out.print(f"{'model_version':<20} {result.model_version}", highlight=False, soft_wrap=True)
 
 
 def _run_workers(spec: Any, spec_path: Path, n: int, bootstrap: str | None, **flags: Any) -> None:

@@ -105,6 +105,10 @@ class InferenceGraph:
     n_outputs: int
     input_name: str = "features"
     output_name: str = "probabilities"
+    #: regression with ``label.standardize``: the model predicts the standardised target; the
+    #: graph ends with ``out * std + mean`` (float64, these constants) so it predicts in the
+    #: target's units, as the live learner does. None: the model's output is the prediction
+    target: tuple[float, float] | None = None
 
     @property
     def standardizes(self) -> bool:
@@ -145,6 +149,10 @@ def inference_graph(learner: OnlineLearner) -> InferenceGraph:
     n_features = int(learner.features.n_features or 0)
     # the built model's width (an infer-only spec has no label section to read it from)
     n_outputs = learner.backend.predict(np.zeros((1, n_features), np.float32)).shape[1]
+    target = None
+    if regression and learner.target is not None:
+        scale = learner.target.inverse(np.array([[0.0], [1.0]]))[:, 0]  # (mean, mean + std)
+        target = (float(scale[0]), float(scale[1] - scale[0]))
     return InferenceGraph(
         n_features=n_features,
         numeric_width=d,
@@ -153,6 +161,7 @@ def inference_graph(learner: OnlineLearner) -> InferenceGraph:
         softmax=not regression,
         n_outputs=int(n_outputs),
         output_name="prediction" if regression else "probabilities",
+        target=target,
     )
 
 
@@ -228,6 +237,8 @@ def verify(learner: OnlineLearner, graph: InferenceGraph, run: Callable[[np.ndar
         got = np.asarray(run(raw))
         if got.shape != want.shape:
             raise ExportError(f"the exported model returns shape {got.shape} for {n} rows, the live one {want.shape}")
+        if graph.target is not None:  # compared in the model's units, where atol was chosen
+            got = (got.astype(np.float64) - graph.target[0]) / graph.target[1]
         worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0)
     return worst
 

@@ -15,6 +15,9 @@ spec's own values (fixed set) or to the first value seen (growing set).
 >>> enc.decode(1)
 True
 
+The label field may be a dotted path into nested mappings (``label.field:
+target.value``; a key that exists literally wins), as feature fields may.
+
 Regression targets are float32:
 
 >>> LabelEncoder(LabelSpec(field="t", task="regression")).encode_batch([{"t": 2}, {"t": 0.5}])[0]
@@ -29,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from tensorstream.features.records import BadRecord, FieldError, describe, number
+from tensorstream.features.columns import MISSING, FieldPath, all_dicts
+from tensorstream.features.records import FLOAT32_MAX, BadRecord, FieldError, describe, number
 from tensorstream.features.state import from_json_array, json_array
 from tensorstream.spec import LabelSpec
 
@@ -62,6 +66,7 @@ class LabelEncoder:
         self.field = spec.field
         self.task = spec.task
         self.fixed = spec.classes is not None
+        self._path = FieldPath(spec.field)
         self._classes: list[Any] = []
         self._index: dict[Any, int] = {}
         if spec.classes is not None and self.task == "classification":
@@ -129,14 +134,45 @@ class LabelEncoder:
         online learner treats those as unlabelled: predicted, not learned).
         With ``update`` a growing class set takes new classes.
         """
+        if records and all_dicts(records):
+            fast = self._encode_column(self._path.column(records))
+            if fast is not None:
+                return fast
+        return self._encode_rows(records, range(len(records)), update)
+
+    def _encode_column(self, col: list[Any]) -> tuple[np.ndarray, np.ndarray, list[BadRecord]] | None:
+        """The common case in one pass: known classes (or plain numbers for regression); None otherwise."""
+        n = len(col)
+        if self.task == "regression":
+            if not set(map(type, col)) <= {float, int, bool}:
+                return None
+            try:
+                y = np.array(col, dtype=np.float64)
+            except OverflowError:
+                return None
+            if not (np.abs(y) <= FLOAT32_MAX).all():  # NaN, inf, beyond float32: the per-record path says which
+                return None
+            return y.astype(np.float32), np.arange(n, dtype=np.int64), []
+        if not set(map(type, col)) <= {str, bool, int, float}:
+            return None
+        try:
+            idx = list(map(self._index.__getitem__, col))  # labels compare by value, as dict keys do
+        except KeyError:  # a new class, NaN or a missing field: record by record, in order
+            return None
+        return np.array(idx, dtype=np.int64), np.arange(n, dtype=np.int64), []
+
+    def _encode_rows(self, records: Sequence[Any], which: Sequence[int],
+                     update: bool) -> tuple[np.ndarray, np.ndarray, list[BadRecord]]:
         ys: list[int | float] = []
         good: list[int] = []
         bad: list[BadRecord] = []
-        for i, record in enumerate(records):
+        for i in which:
+            record = records[i]
             try:
-                if not isinstance(record, Mapping) or self.field not in record:
+                v = self._path.get(record) if isinstance(record, Mapping) else MISSING
+                if v is MISSING:
                     raise FieldError("missing_field", f"label field '{self.field}' is missing", self.field)
-                ys.append(self.encode_one(record[self.field], update))
+                ys.append(self.encode_one(v, update))
                 good.append(i)
             except FieldError as err:
                 bad.append(err.bad(i))

@@ -18,6 +18,12 @@ same columns.
 Records that cannot be used are reported, never raised: each comes back as a
 :class:`~tensorstream.features.records.BadRecord` naming the field.
 
+Field names may be dotted paths into nested mappings (``user.age``; a key that
+exists literally wins, see :class:`~tensorstream.features.columns.FieldPath`).
+A batch is read column by column (:mod:`tensorstream.features.columns`); only
+the rows that fail that fast path go through the per-record checks, which
+name the problem.
+
 >>> from tensorstream.spec import FeatureSpec
 >>> fp = FeaturePipeline(FeatureSpec(numeric=["*"], categorical=["color"], max_categories=2),
 ...                      label_field="y")
@@ -48,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from tensorstream.features.columns import MISSING, FieldPath, all_dicts, array_rows, category_columns, numeric_columns
 from tensorstream.features.records import (
     BadRecord,
     FieldError,
@@ -80,7 +87,7 @@ class ParsedBatch:
     """A batch after validation, before any state changes (see ``FeaturePipeline.parse``)."""
 
     numeric: np.ndarray  # float64 [n_good, d_numeric], raw values
-    categories: list[list[str]]  # per good row: one category key per categorical field
+    categories: Sequence[Sequence[str]]  # per good row: one category key per categorical field
     good_idx: np.ndarray  # int64 [n_good], index of each row in the input batch
     bad: list[BadRecord] = field(default_factory=list)
 
@@ -130,6 +137,8 @@ class FeaturePipeline:
         self._array_records = False
         self._scaler: RunningStandardizer | None = None
         self._vocab: dict[str, dict[str, int]] = {f: {} for f in spec.categorical}
+        self._cat_paths = [FieldPath(f) for f in spec.categorical]
+        self._num_paths: list[FieldPath] = []
         if not self._wildcard and not spec.numeric:
             self._set_layout([], array_records=False)  # categorical only: nothing to learn
 
@@ -168,43 +177,60 @@ class FeaturePipeline:
         self._layout = layout
         self._array_records = array_records
         self._scaler = RunningStandardizer(sum(w for _, w in layout))
+        self._num_paths = [FieldPath(name) for name, _ in layout]
+        self._scalar_layout = not array_records and all(w == 1 for _, w in layout)
 
     def _infer_layout(self, record: Any) -> None:
-        if isinstance(record, np.ndarray):
-            if self.spec.categorical:
-                raise FieldError(
-                    "wrong_type", "an array record has no categorical fields, but the spec lists some"
-                )
-            self._set_layout([(ARRAY_RECORD, int(record.size))], array_records=True)
-            return
-        if not isinstance(record, Mapping):
-            raise FieldError("not_a_record", f"a record must be a mapping or an array, got {describe(record)}")
-        if self._wildcard:
-            skip = set(self.spec.categorical) | {self.label_field}
-            names = sorted(
-                k for k, v in record.items()
-                if isinstance(k, str) and k not in skip and (is_number(v) or is_numeric_array(v))
-            )
-            if not names:
-                raise FieldError("missing_field", "numeric: ['*'] found no numeric field in the first record")
-        else:
-            names = list(self.spec.numeric)
-        layout = []
-        for name in names:
-            if name not in record:
-                raise FieldError("missing_field", f"field '{name}' is missing", name)
-            layout.append((name, _width(name, record[name])))
-        self._set_layout(layout, array_records=False)
+        layout, array_records = infer_layout(record, self.spec, self.label_field)
+        self._set_layout(layout, array_records)
 
     # ------------------------------------------------------------- transforms
 
     def parse(self, records: Sequence[Any]) -> ParsedBatch:
         """Validate and extract raw values; changes no state except fixing the layout."""
+        n = len(records)
+        if self._layout is None:  # the first batch: the first usable record fixes the layout, record by record
+            return self._parse_rows(records, range(n))
+        fast = self._parse_columns(records)
+        if fast is None:
+            return self._parse_rows(records, range(n))
+        numeric, cats, ok = fast
+        if ok.all():
+            return ParsedBatch(numeric, cats, np.arange(n, dtype=np.int64), [])
+        # The rows the fast path could not take: exactly what the per-record path says about them.
+        slow = self._parse_rows(records, np.flatnonzero(~ok).tolist())
+        good = np.flatnonzero(ok)
+        order = np.argsort(np.concatenate([good, slow.good_idx]), kind="stable")
+        rows = [cats[i] for i in good.tolist()] + list(slow.categories)
+        return ParsedBatch(np.concatenate([numeric[ok], slow.numeric])[order], [rows[i] for i in order.tolist()],
+                           np.concatenate([good, slow.good_idx])[order].astype(np.int64), slow.bad)
+
+    def _parse_columns(self, records: Sequence[Any]) -> tuple[np.ndarray, list[tuple[str, ...]], np.ndarray] | None:
+        """The columnar fast path: ``(numeric, category rows, ok)``, or None where it does not apply."""
+        assert self._layout is not None
+        if self._array_records:
+            arrays = array_rows(records, self._layout[0][1])
+            if arrays is None:
+                return None
+            return arrays[0], [()] * len(records), arrays[1]
+        if not self._scalar_layout or not all_dicts(records):
+            return None
+        numeric, ok = numeric_columns(records, self._num_paths)
+        cats: list[tuple[str, ...]] = [()] * len(records)
+        if self._cat_paths:
+            columns, cat_ok = category_columns(records, self._cat_paths)
+            ok &= cat_ok
+            cats = list(zip(*columns, strict=True))
+        return numeric, cats, ok
+
+    def _parse_rows(self, records: Sequence[Any], which: Sequence[int]) -> ParsedBatch:
+        """The per-record path over the rows ``which`` (indices into ``records``)."""
         rows: list[np.ndarray] = []
         cats: list[list[str]] = []
         good: list[int] = []
         bad: list[BadRecord] = []
-        for i, record in enumerate(records):
+        for i in which:
+            record = records[i]
             try:
                 if self._layout is None:
                     self._infer_layout(record)
@@ -220,14 +246,17 @@ class FeaturePipeline:
         return ParsedBatch(numeric, cats, np.asarray(good, dtype=np.int64), bad)
 
     def transform_parsed(
-        self, parsed: ParsedBatch, keep: np.ndarray | None = None, update: bool = True
+        self, parsed: ParsedBatch, keep: np.ndarray | None = None, update: bool = True, sequential: bool = False
     ) -> np.ndarray:
         """Parsed rows (``keep``-masked) -> ``X`` float32; with ``update``, learn first.
 
         The running statistics (and vocabularies) are updated with the batch
         *before* transforming it. That is unsupervised (no label is involved), so
         it leaks nothing into the test-then-train score, and it means the very
-        first batch is already on a sensible scale.
+        first batch is already on a sensible scale. With ``sequential`` each row
+        is standardised with the statistics of the rows up to and including it,
+        as if the batch came one record at a time (per-record learning, where
+        the batch size must not change what is learned).
         """
         if keep is not None:
             parsed = parsed.select(keep)
@@ -238,32 +267,37 @@ class FeaturePipeline:
         assert self._scaler is not None and self._layout is not None
         d = self._scaler.n_features
         if d:
-            if self.spec.standardize:
+            if not self.spec.standardize:
+                X[:, :d] = parsed.numeric
+            elif update and sequential:
+                mean, std = self._scaler.running(parsed.numeric)
+                X[:, :d] = (parsed.numeric - mean[1:]) / std[1:]
+            else:
                 if update:
                     self._scaler.update(parsed.numeric)
                 X[:, :d] = self._scaler.transform(parsed.numeric)
-            else:
-                X[:, :d] = parsed.numeric
         s = self.spec
+        if not s.categorical:
+            return X
+        rows = np.arange(n)
+        columns = list(zip(*parsed.categories, strict=True))
         for j, name in enumerate(s.categorical):
+            col = columns[j]
             if s.categorical_encoding == "hash":
-                base = d + j * s.hash_buckets
-                for r in range(n):
-                    X[r, base + stable_bucket(parsed.categories[r][j], s.hash_buckets)] = 1.0
+                buckets = {k: stable_bucket(k, s.hash_buckets) for k in dict.fromkeys(col)}
+                X[rows, d + j * s.hash_buckets + np.fromiter(map(buckets.__getitem__, col), np.int64, n)] = 1.0
                 continue
-            base = d + j * (s.max_categories + 1)
             vocab = self._vocab[name]
-            for r in range(n):
-                key = parsed.categories[r][j]
-                slot = vocab.get(key)
-                if slot is None:
-                    if len(vocab) >= s.max_categories:
-                        slot = s.max_categories  # overflow: seen after the vocabulary filled
-                    elif update:
-                        slot = vocab[key] = len(vocab)
-                    else:
-                        continue  # unseen at inference, vocabulary not full: all zeros
-                X[r, base + slot] = 1.0
+            if update:  # new keys take slots in order of first appearance, as record by record
+                for key in dict.fromkeys(col):
+                    if key not in vocab and len(vocab) < s.max_categories:
+                        vocab[key] = len(vocab)
+            # a key without a slot: the overflow slot once the vocabulary is full (seen after it
+            # filled), else nothing (unseen at inference): all zeros
+            other = s.max_categories if len(vocab) >= s.max_categories else -1
+            slots = np.fromiter((vocab.get(k, other) for k in col), np.int64, n)
+            hit = slots >= 0
+            X[rows[hit], d + j * (s.max_categories + 1) + slots[hit]] = 1.0
         return X
 
     def transform_batch(
@@ -288,10 +322,10 @@ class FeaturePipeline:
         if self._array_records:
             raise FieldError("wrong_shape", "got a mapping record, but records so far were bare arrays")
         parts = []
-        for name, width in self._layout:
-            if name not in record:
+        for (name, width), path in zip(self._layout, self._num_paths, strict=True):
+            v = path.get(record)
+            if v is MISSING:
                 raise FieldError("missing_field", f"field '{name}' is missing", name)
-            v = record[name]
             if width == 1 and not isinstance(v, (np.ndarray, list, tuple)):
                 parts.append(np.array([number(name, v)]))
             else:
@@ -300,12 +334,13 @@ class FeaturePipeline:
 
     def _category_row(self, record: Any) -> list[str]:
         keys = []
-        for name in self.spec.categorical:
+        for name, path in zip(self.spec.categorical, self._cat_paths, strict=True):
             if not isinstance(record, Mapping):
                 raise FieldError("wrong_type", "an array record has no categorical fields", name)
-            if name not in record:
+            v = path.get(record)
+            if v is MISSING:
                 raise FieldError("missing_field", f"field '{name}' is missing", name)
-            keys.append(category_key(name, record[name]))
+            keys.append(category_key(name, v))
         return keys
 
     # ------------------------------------------------------------------ state
@@ -362,6 +397,33 @@ class FeaturePipeline:
         if "vocab" in state:
             vocab = from_json_array(state["vocab"])
             self._vocab = {f: {k: i for i, k in enumerate(vocab.get(f, []))} for f in self.spec.categorical}
+
+
+def infer_layout(record: Any, spec: FeatureSpec, label_field: str | None) -> tuple[list[tuple[str, int]], bool]:
+    """The layout a first record gives: ``([(field, width), ...], array_records)``; a FieldError if none."""
+    if isinstance(record, np.ndarray):
+        if spec.categorical:
+            raise FieldError("wrong_type", "an array record has no categorical fields, but the spec lists some")
+        return [(ARRAY_RECORD, int(record.size))], True
+    if not isinstance(record, Mapping):
+        raise FieldError("not_a_record", f"a record must be a mapping or an array, got {describe(record)}")
+    if "*" in spec.numeric:
+        skip = set(spec.categorical) | {label_field}
+        names = sorted(
+            k for k, v in record.items()
+            if isinstance(k, str) and k not in skip and (is_number(v) or is_numeric_array(v))
+        )
+        if not names:
+            raise FieldError("missing_field", "numeric: ['*'] found no numeric field in the first record")
+    else:
+        names = list(spec.numeric)
+    layout = []
+    for name in names:
+        v = FieldPath(name).get(record)
+        if v is MISSING:
+            raise FieldError("missing_field", f"field '{name}' is missing", name)
+        layout.append((name, _width(name, v)))
+    return layout, False
 
 
 def _width(name: str, v: Any) -> int:

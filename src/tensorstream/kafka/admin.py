@@ -33,6 +33,14 @@ class KafkaConnectError(RuntimeError):
     """The client cannot connect for a reason retries will not fix (TLS verification, authentication)."""
 
 
+def fail_fast_error(err: KafkaError) -> str | None:
+    """The reason, if ``err`` (from a client's error_cb) is a verdict on our settings rather than a
+    dropped connection: TLS verification, authentication, a fatal error, a TLS alert from the server
+    (e.g. "certificate required" under mutual TLS arrives as a transport error)."""
+    tls_alert = err.code() == KafkaError._TRANSPORT and "SSL alert" in err.str()
+    return err.str() if err.code() in _FAIL_FAST or err.fatal() or tls_alert else None
+
+
 class KafkaAdmin:
     def __init__(self, config: KafkaConfig):
         self.config = config
@@ -46,10 +54,7 @@ class KafkaAdmin:
         return self._admin
 
     def _on_error(self, err: KafkaError) -> None:
-        # A TLS alert from the server (e.g. "certificate required" under mutual TLS) arrives as a
-        # transport error; it is a verdict on our settings, not a dropped connection.
-        tls_alert = err.code() == KafkaError._TRANSPORT and "SSL alert" in err.str()
-        if err.code() in _FAIL_FAST or err.fatal() or tls_alert:
+        if fail_fast_error(err):
             self._setup_error = err
 
     def _raise_setup_error(self) -> None:

@@ -20,6 +20,7 @@ import time
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from tensorstream.kafka.admin import KafkaConnectError, fail_fast_error
 from tensorstream.kafka.config import KafkaConfig
 
 
@@ -27,8 +28,8 @@ from tensorstream.kafka.config import KafkaConfig
 REFUSED_S = 1.5
 
 
-class BrokerUnreachable(RuntimeError):
-    """No broker answered at the configured address within the deadline."""
+class BrokerUnreachable(KafkaConnectError):
+    """No broker answered at the configured address within the deadline (or TLS/SASL refused us)."""
 
 
 class _Collect(logging.Handler):
@@ -62,16 +63,28 @@ def check_broker(config: KafkaConfig, timeout: float = 5.0) -> set[str]:
     logger.addHandler(collect)
     logger.propagate = False
     t0 = time.monotonic()
+    verdicts: list[str] = []  # TLS / SASL refusals: retrying will not help, so say so at once
+
+    def on_error(err: object) -> None:
+        reason = fail_fast_error(err)
+        if reason:
+            verdicts.append(reason)
+
     try:
-        admin = AdminClient({**config.client_settings(), "logger": logger})
+        admin = AdminClient({**config.client_settings(), "logger": logger, "error_cb": on_error})
         try:
             while True:  # short slices: a refused connection is known long before the deadline
                 try:
                     return set(admin.list_topics(timeout=min(0.5, timeout)).topics)
                 except KafkaException as e:
-                    admin.poll(0)  # serve the client's queued log lines (the reason is in them)
-                    reason = _reason(collect.messages) or (e.args[0].str() if e.args else str(e))
+                    admin.poll(0)  # serve the client's queued log lines and errors (the reason is in them)
+                    reason = verdicts[0] if verdicts else (_reason(collect.messages)
+                                                           or (e.args[0].str() if e.args else str(e)))
                     waited = time.monotonic() - t0
+                    if verdicts:
+                        raise BrokerUnreachable(
+                            f"cannot connect to {config.bootstrap_servers} (security.protocol="
+                            f"{config.security_protocol or 'PLAINTEXT'}): {reason}") from None
                     if waited >= timeout or (reason == "Connection refused" and waited >= REFUSED_S):
                         raise BrokerUnreachable(
                             f"cannot reach a Kafka broker at {config.bootstrap_servers} within {waited:.0f}s "

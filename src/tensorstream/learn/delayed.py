@@ -42,6 +42,8 @@ import numpy as np
 import orjson
 
 from tensorstream.features.state import from_json_array, json_array
+from tensorstream.learn.outcome import BatchOutcome
+from tensorstream.learn.steps import after_learn, learn_batch, learn_in_turn, score
 
 
 @dataclass
@@ -222,3 +224,63 @@ class LabelJoin:
         self._expired = OrderedDict((k, int(n)) for k, n in meta["expired"])
         if int(meta["window"]) > self.window:  # a smaller window now: expire what no longer fits
             self._expire()
+
+
+# ------------------------------------------------------------------ the learner's side
+# OnlineLearner.process_features / process_labels, here beside the join they drive.
+
+
+def features_step(learner: Any, records: Sequence[Any], keys: Sequence[Any], train: bool = True) -> BatchOutcome:
+    """``OnlineLearner.process_features``."""
+    if learner.join is None or learner.labels is None or learner.metrics is None:
+        raise RuntimeError("process_features() needs a spec with 'label' and 'labels' sections")
+    n = len(records)
+    X, good_idx, bad, P, yhat = learner._predict_records(records, update=train, n_known=learner.labels.n_known)
+    if P is None:
+        return BatchOutcome([None] * n, bad)
+    matches = learner.join.add_features([keys[i] for i in good_idx.tolist()], X, P, yhat)
+    for m in matches:
+        m.index = int(good_idx[m.index])
+    loss, n_learned, events = learn_matches(learner, matches, train)
+    matched = {m.index for m in matches}
+    waiting = [i for i in good_idx.tolist() if i not in matched]
+    return learner._outcome(n, good_idx, P, yhat, bad=bad, loss=loss, n_learned=n_learned,
+                            n_scored=len(matches), unlabelled=waiting, events=events)
+
+def labels_step(learner: Any, keys: Sequence[Any], values: Sequence[Any], train: bool = True) -> BatchOutcome:
+    """``OnlineLearner.process_labels``."""
+    if learner.join is None or learner.labels is None or learner.metrics is None:
+        raise RuntimeError("process_labels() needs a spec with 'label' and 'labels' sections")
+    y, good, bad = learner.labels.encode_batch([{learner.labels.field: v} for v in values], update=True)
+    learner.n_bad += len(bad)
+    good_list = good.tolist()
+    matches = learner.join.add_labels([keys[i] for i in good_list], y)
+    for m in matches:
+        m.index = int(good_list[m.index])
+    loss, n_learned, events = learn_matches(learner, matches, train)
+    return BatchOutcome([], bad, loss, n_learned, len(matches), [], events)
+
+def learn_matches(learner: Any, matches: list[Match], train: bool) -> tuple[float | None, int, list[dict[str, Any]]]:
+    """Score the stored predictions of completed matches, then learn their records."""
+    if not matches:
+        return None, 0, []
+    if not learner.built:  # restored from an unbuilt checkpoint while predictions were pending
+        learner._ensure_built()
+    X = np.stack([m.x for m in matches]).astype(np.float32)
+    P = np.stack([m.p for m in matches]).astype(np.float32)
+    dtype = np.float32 if learner.task == "regression" else np.int64
+    y = np.array([m.y for m in matches], dtype=dtype)
+    yhat = np.array([m.yhat for m in matches], dtype=np.float64 if learner.task == "regression" else np.int64)
+    where = np.array([m.index for m in matches], dtype=np.int64)
+    scored = np.isfinite(P).all(axis=1)
+    signal, events = score(learner, y[scored], P[scored], yhat[scored], where[scored])
+    if not train:
+        return None, 0, events
+    every = np.ones(len(X), dtype=bool)
+    if learner.per_record:  # the records as if their labels had come one at a time
+        n_known = learner.labels.n_known if learner.labels else 0
+        _, _, loss, learned, _, targets = learn_in_turn(learner, X, y, every, n_known)
+    else:
+        loss, learned, targets = learn_batch(learner, X, y)
+    events += after_learn(learner, X, y, targets, scored, learned, signal, where)
+    return loss, int(learned.sum()), events

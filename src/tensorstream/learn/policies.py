@@ -41,9 +41,10 @@ class Policy:
         """A drift was detected while scoring; returns extra events to report."""
         return []
 
-    def after_learn(self, learner: Any, x_scored: np.ndarray, signal: np.ndarray, xb: np.ndarray,
-                    yb: np.ndarray, n_learned: int) -> list[dict[str, Any]]:
-        """The champion learned ``xb, yb`` (``x_scored`` were scored, with ``signal``)."""
+    def after_learn(self, learner: Any, x_scored: np.ndarray, y_scored: np.ndarray, signal: np.ndarray,
+                    x_learned: np.ndarray, t_learned: np.ndarray, n_learned: int) -> list[dict[str, Any]]:
+        """The champion learned ``x_learned`` (model targets ``t_learned``); ``x_scored`` (labels
+        ``y_scored``) were scored, with drift ``signal``."""
         return []
 
     def on_restore(self, learner: Any) -> None:
@@ -84,8 +85,8 @@ class BoostPolicy(Policy):
         self._apply(learner)
         return []
 
-    def after_learn(self, learner: Any, x_scored: np.ndarray, signal: np.ndarray, xb: np.ndarray,
-                    yb: np.ndarray, n_learned: int) -> list[dict[str, Any]]:
+    def after_learn(self, learner: Any, x_scored: np.ndarray, y_scored: np.ndarray, signal: np.ndarray,
+                    x_learned: np.ndarray, t_learned: np.ndarray, n_learned: int) -> list[dict[str, Any]]:
         if self.remaining > 0:
             self.remaining = max(0, self.remaining - n_learned)
             self._apply(learner)
@@ -136,16 +137,16 @@ class ChallengerPolicy(Policy):
         log.info("drift: challenger #%d started (%s) at %d records learned", ch.n_started, ch.init, learner.n_learned)
         return [{"type": "challenger_started", "init": ch.init, "n_learned": learner.n_learned}]
 
-    def after_learn(self, learner: Any, x_scored: np.ndarray, signal: np.ndarray, xb: np.ndarray,
-                    yb: np.ndarray, n_learned: int) -> list[dict[str, Any]]:
+    def after_learn(self, learner: Any, x_scored: np.ndarray, y_scored: np.ndarray, signal: np.ndarray,
+                    x_learned: np.ndarray, t_learned: np.ndarray, n_learned: int) -> list[dict[str, Any]]:
         ch = self.challenger
         if not ch.active or not len(x_scored):
             return []
-        # Test, then train: the challenger predicts these records before it learns them.
-        y_scored = yb[: len(x_scored)]
+        # Test, then train: the challenger predicts these records before it learns them, as one
+        # mini-batch whatever learn.learning says (it is judged against the champion, not served).
         P = np.asarray(ch.backend.predict(x_scored))
         ch.score(signal, learner.signal_of(y_scored, P))
-        ch.backend.train_step(xb, yb)
+        ch.backend.train_step(x_learned, t_learned)
         what, champ, chal = ch.verdict()
         if what == "wait":
             return []

@@ -53,6 +53,8 @@ class RunResult:
     versions_seen: list[str] = field(default_factory=list)
     #: the first dead letter's reason (``topic[partition]@offset: error_type: message``)
     first_bad: str | None = None
+    #: the spec's mode (infer: ``metrics`` are the loaded model's, from its training)
+    mode: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -38,7 +38,7 @@ from tensorstream.checkpoint import CheckpointError, CheckpointStore, StateFileE
 from tensorstream.codecs import DecodeError, get_codec
 from tensorstream.delivery import BadRateGuard, DeadLetters, DeliveryEngine, RunControl
 from tensorstream.kafka import TP, KafkaAdmin, KafkaConfig, KafkaSink, KafkaSource, Record
-from tensorstream.kafka.preflight import BrokerUnreachable, check_broker, missing_topics
+from tensorstream.kafka.preflight import check_broker, missing_topics
 from tensorstream.learn import OnlineLearner
 from tensorstream.observe.metrics import PipelineMetrics
 from tensorstream.pipeline.batching import next_batch
@@ -241,10 +241,7 @@ class Pipeline:
         Raises :class:`PipelineError` with one sentence otherwise (within ``timeout`` seconds).
         """
         spec = self.spec
-        try:
-            existing = check_broker(self.kafka, timeout)
-        except BrokerUnreachable as e:
-            raise PipelineError(str(e)) from None
+        existing = check_broker(self.kafka, timeout)  # BrokerUnreachable (a KafkaConnectError): one sentence
         sources = [spec.source.topic, *([spec.labels.topic] if spec.labels is not None else [])]
         missing = missing_topics(existing, sources)
         if missing and not spec.source.create:
@@ -516,7 +513,7 @@ class Pipeline:
         return RunResult(self.spec.backend, c.records, c.predictions, c.bad, time.perf_counter() - t0, c.rate(),
                          p50, p99, peak_rss_mb(), self.learner.snapshot(), self.learner.history,
                          self.version_for_batch(), self.checkpoints, self.last_checkpoint, list(self.versions_seen),
-                         getattr(getattr(self, "dead_letters", None), "first", None))
+                         getattr(getattr(self, "dead_letters", None), "first", None), self.spec.mode)
 
 
 #: fetch.wait.max.ms when neither the spec nor KafkaConfig.extra sets it
