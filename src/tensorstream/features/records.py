@@ -27,6 +27,7 @@ ERROR_TYPES = (
     "out_of_range",  # finite, but beyond float32 (it would become inf in the model)
     "unknown_label",  # label outside the fixed class set
     "too_many_classes",  # growing class set is full
+    "non_finite_update",  # predicted, but learning it would make the model non-finite (learner)
 )
 
 
