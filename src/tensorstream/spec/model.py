@@ -1,0 +1,172 @@
+"""Features, labels, the model and how it learns."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tensorstream.spec.base import _Strict
+
+
+class FeatureSpec(_Strict):
+    """Record fields -> one float32 feature vector.
+
+    ``numeric: ["*"]`` takes every numeric (int/float/bool) top-level field of
+    the record except the label, in sorted name order, fixed at the first record
+    seen. A listed field (numeric or categorical) may be a dotted path into nested
+    mappings: ``user.age`` reads ``{"user": {"age": 41}}``; when the record has a
+    key that is literally ``user.age``, that key wins (flat records whose names
+    contain dots keep working). A path that does not resolve is a missing field.
+    """
+
+    numeric: list[str] = Field(default_factory=list)
+    categorical: list[str] = Field(default_factory=list)
+    categorical_encoding: Literal["onehot", "hash"] = "onehot"
+    #: one-hot width per categorical field (a growing vocabulary up to this size;
+    #: later unseen values share one overflow slot)
+    max_categories: int = Field(default=32, ge=1, le=100_000)
+    #: hashing width per categorical field
+    hash_buckets: int = Field(default=32, ge=1, le=1_000_000)
+    #: running standardisation of numeric fields (state checkpointed with the model)
+    standardize: bool = True
+
+    @model_validator(mode="after")
+    def _some_features(self) -> FeatureSpec:
+        if "*" in self.numeric and len(self.numeric) > 1:
+            raise ValueError("numeric: '*' takes every numeric field; list fields or use '*', not both")
+        if not self.numeric and not self.categorical:
+            raise ValueError("at least one of 'numeric' or 'categorical' must list a field")
+        return self
+
+
+class LabelSpec(_Strict):
+    """The label: where it is in a record, and what the model learns from it."""
+
+    #: the label's field; a dotted path reads nested mappings (``target.value``), but a
+    #: key that exists literally with the dots wins
+    field: str = Field(min_length=1)
+    task: Literal["classification", "regression"] = "classification"
+    #: fixed class set (labels outside it are bad records); None = growing set
+    classes: list[Any] | None = None
+    #: output width when the class set grows (ignored when classes is given)
+    max_classes: int = Field(default=2, ge=2, le=100_000)
+    #: training stops (non-zero exit) when this many records in a row came without the label
+    #: field and none with it: a misspelt ``field`` must not look like a run (0: never stop;
+    #: a warning comes after 100). Labels from a second topic (``labels:``) are not counted.
+    missing_limit: int = Field(default=1000, ge=0)
+    #: regression: the model learns the target standardised with running statistics
+    #: (checkpointed); predictions and metrics are turned back into the target's units.
+    #: None (default): on for ``model.kind: mlp``, off otherwise. An MLP's output starts
+    #: near 0 with unit-scale weights and Adam moves it by about ``lr`` per step, so a
+    #: target of mean 20 takes thousands of records just to reach its mean (measured
+    #: before this switch: MAE 3.66 where predicting the mean gives 1.57)
+    standardize: bool | None = None
+
+    def scales_target(self, model: ModelSpec) -> bool:
+        """Whether the regression target is standardised for ``model`` (see ``standardize``)."""
+        if self.task != "regression":
+            return False
+        return self.standardize if self.standardize is not None else model.kind == "mlp"
+
+    @model_validator(mode="after")
+    def _standardize_is_for_regression(self) -> LabelSpec:
+        if self.standardize and self.task != "regression":
+            raise ValueError("standardize applies to a regression target (task: regression)")
+        return self
+
+    @property
+    def n_outputs(self) -> int:
+        if self.task == "regression":
+            return 1
+        return len(self.classes) if self.classes else self.max_classes
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[Any] | None) -> list[Any] | None:
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError("a classification needs at least 2 classes")
+            # By value, as labels are compared: true, 1 and 1.0 are one class.
+            seen: list[Any] = []
+            for c in v:
+                if any(c == d for d in seen):
+                    raise ValueError(f"classes must be distinct (by value): {c!r} repeats")
+                seen.append(c)
+        return v
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(default=1e-2, gt=0, le=10)
+    momentum: float = Field(default=0.0, ge=0, lt=1)  # sgd only
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class ModelSpec(_Strict):
+    """The model: a built-in tabular model or a user factory.
+
+    ``kind: linear`` (logistic/linear regression) or ``kind: mlp`` are built
+    identically in both frameworks. ``kind: "my_pkg.models:make"`` imports the
+    factory (an import path, never code from a string) and calls
+    ``make(n_features=..., n_outputs=...)``; it must return an ``nn.Module`` for
+    torch or a ``keras.Model`` for tensorflow.
+    """
+
+    kind: str = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [32])
+    activation: Literal["relu", "tanh"] = "relu"
+    loss: Literal["auto", "cross_entropy", "mse"] = "auto"
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    #: torch.compile (torch) / XLA jit_compile (tensorflow)
+    compile: bool = False
+    seed: int = 0
+    #: intra-op threads of the framework (None = its default). Small models on a
+    #: busy machine run much faster with 1: torch's default thread pool can be
+    #: 50-100x slower at batch 32 when the cores are shared.
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    #: start from this learner state (a safetensors file or fsspec URL written by
+    #: ``tensorstream run --save-state``); required for ``mode: infer``
+    weights: str | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v in ("linear", "mlp"):
+            return v
+        mod, sep, attr = v.partition(":")
+        if not sep or not mod or not attr.isidentifier():
+            raise ValueError("must be 'linear', 'mlp' or an import path 'package.module:factory'")
+        return v
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden(cls, v: list[int]) -> list[int]:
+        if any(h < 1 for h in v):
+            raise ValueError("hidden layer widths must be >= 1")
+        return v
+
+
+class LearnSpec(_Strict):
+    """Online-learning options beyond the model itself."""
+
+    #: ``per_record``: every record is predicted by the model that learned all records
+    #: before it (in its batch too), then learned with its own optimizer step, the whole
+    #: batch in one compiled call (TorchScript / an XLA while loop); the batch size only
+    #: changes the speed: predictions equal those at batch 1. ``mini_batch``: a batch is
+    #: predicted by the model as it was before the batch, then learned in one step.
+    #: Default ``per_record``: on River's Phishing and Agrawal it keeps batch-1 accuracy
+    #: at any batch size, at several times the speed of batch-1 mini-batches; mini-batches
+    #: of 64 are faster still but lose accuracy on short streams (Phishing: 0.83 vs 0.89;
+    #: figures in docs/benchmarks.md). Data-parallel training always learns mini-batches.
+    learning: Literal["per_record", "mini_batch"] = "per_record"
+
+    #: experience replay: each train step also learns this many records drawn
+    #: (seeded) from a buffer of recently learned ones; 0 = off. Helps small
+    #: non-linear streams and recurring concepts; the buffer is checkpointed.
+    replay: int = Field(default=0, ge=0, le=65_536)
+    replay_buffer: int = Field(default=1000, ge=1, le=10_000_000)
+    #: which records the buffer keeps: the last ``replay_buffer`` learned
+    #: (``recent``), or a uniform sample of all of them (``reservoir``, Vitter's
+    #: algorithm R: old concepts stay represented, for recurring drift)
+    replay_mode: Literal["recent", "reservoir"] = "recent"
