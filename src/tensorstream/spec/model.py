@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, field_validator, model_serializer, \
+    model_validator
 
 from tensorstream.spec.base import _Strict
+from tensorstream.spec.keyed import KeyedFeatureFields
+
+#: the stateful feature fields, dropped from a dump while they hold their defaults (so the
+#: spec hash of a spec without them, and so its checkpoints, stay what they were)
+_KEYED_DEFAULTS = {name: f.get_default(call_default_factory=True)
+                   for name, f in KeyedFeatureFields.model_fields.items()}
 
 
-class FeatureSpec(_Strict):
+class FeatureSpec(KeyedFeatureFields):
     """Record fields -> one float32 feature vector.
 
     ``numeric: ["*"]`` takes every numeric (int/float/bool) top-level field of
@@ -18,6 +25,10 @@ class FeatureSpec(_Strict):
     mappings: ``user.age`` reads ``{"user": {"age": 41}}``; when the record has a
     key that is literally ``user.age``, that key wins (flat records whose names
     contain dots keep working). A path that does not resolve is a missing field.
+
+    Stateful features (``key``, ``time``, ``windows``, ``lags``, ``label_history``,
+    ``time_features``, ``state``): :class:`~tensorstream.spec.keyed.KeyedFeatureFields`
+    and docs/features.md.
     """
 
     numeric: list[str] = Field(default_factory=list)
@@ -35,9 +46,20 @@ class FeatureSpec(_Strict):
     def _some_features(self) -> FeatureSpec:
         if "*" in self.numeric and len(self.numeric) > 1:
             raise ValueError("numeric: '*' takes every numeric field; list fields or use '*', not both")
-        if not self.numeric and not self.categorical:
-            raise ValueError("at least one of 'numeric' or 'categorical' must list a field")
+        if not self.numeric and not self.categorical and not self.stateful:
+            raise ValueError("at least one of 'numeric', 'categorical', 'windows', 'lags', 'label_history' "
+                             "or 'time_features' must be given")
+        self.check_keyed()
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_default_keyed(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        data = handler(self)
+        for name, default in _KEYED_DEFAULTS.items():
+            value = getattr(self, name)
+            if name in data and (value == default or (hasattr(value, "model_dump") and value == type(value)())):
+                del data[name]
+        return data
 
 
 class LabelSpec(_Strict):
