@@ -28,6 +28,7 @@ ERROR_TYPES = (
     "unknown_label",  # label outside the fixed class set
     "too_many_classes",  # growing class set is full
     "non_finite_update",  # predicted, but learning it would make the model non-finite (learner)
+    "late_record",  # event time behind the watermark by more than the allowed lateness (keyed features)
 )
 
 

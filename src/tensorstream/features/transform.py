@@ -65,9 +65,12 @@ from tensorstream.features.records import (
     is_numeric_array,
     number,
 )
+from tensorstream.features.keyed import KeyedFeatures, KeyedRows
+from tensorstream.features.keyed.stage import late_rows
 from tensorstream.features.scaler import RunningStandardizer
-from tensorstream.features.state import from_json_array, json_array, unprefixed
+from tensorstream.features.state import from_json_array, json_array, prefixed, unprefixed
 from tensorstream.spec import FeatureSpec
+from tensorstream.spec.keyed import KeyedFeatureFields as KeyedFields
 
 #: the name of the single "field" of a layout made from bare array records
 ARRAY_RECORD = "<array>"
@@ -90,6 +93,7 @@ class ParsedBatch:
     categories: Sequence[Sequence[str]]  # per good row: one category key per categorical field
     good_idx: np.ndarray  # int64 [n_good], index of each row in the input batch
     bad: list[BadRecord] = field(default_factory=list)
+    keyed: KeyedRows | None = None  # the stateful features' inputs of each good row
 
     def __len__(self) -> int:
         return len(self.good_idx)
@@ -103,6 +107,7 @@ class ParsedBatch:
             [self.categories[i] for i in rows],
             self.good_idx[keep],
             list(self.bad),
+            None if self.keyed is None else self.keyed.take(keep),
         )
 
 
@@ -124,7 +129,8 @@ class FeaturePipeline:
     array is used directly as the numeric vector.
     """
 
-    def __init__(self, spec: FeatureSpec, label_field: str | None = None) -> None:
+    def __init__(self, spec: FeatureSpec, label_field: str | None = None, *, label_width: int = 1,
+                 regression: bool = False, keyed_store: Any = None) -> None:
         self.spec = spec
         self.label_field = label_field
         self._wildcard = "*" in spec.numeric
@@ -141,6 +147,8 @@ class FeaturePipeline:
         self._num_paths: list[FieldPath] = []
         if not self._wildcard and not spec.numeric:
             self._set_layout([], array_records=False)  # categorical only: nothing to learn
+        #: the stateful features (features/keyed/): their columns follow the categorical ones
+        self.keyed = KeyedFeatures(spec, label_width, regression, keyed_store) if spec.stateful else None
 
     # ------------------------------------------------------------------ layout
 
@@ -157,7 +165,7 @@ class FeaturePipeline:
     def categorical_width(self) -> int:
         s = self.spec
         per_field = s.max_categories + 1 if s.categorical_encoding == "onehot" else s.hash_buckets
-        return per_field * len(s.categorical)
+        return per_field * len(s.categorical) + (self.keyed.width if self.keyed is not None else 0)
 
     @property
     def n_features(self) -> int | None:
@@ -186,8 +194,29 @@ class FeaturePipeline:
 
     # ------------------------------------------------------------- transforms
 
-    def parse(self, records: Sequence[Any]) -> ParsedBatch:
-        """Validate and extract raw values; changes no state except fixing the layout."""
+    def parse(self, records: Sequence[Any], keys: Sequence[Any] | None = None,
+              timestamps: Sequence[Any] | None = None) -> ParsedBatch:
+        """Validate and extract raw values; changes no state except fixing the layout.
+
+        ``keys`` / ``timestamps``: the Kafka record keys and timestamps (ms), for the
+        stateful features (``features.key: "@key"``, ``features.time: "@timestamp"``).
+        """
+        parsed = self._parse(records)
+        if self.keyed is None:
+            return parsed
+        kr, ok, kbad = self.keyed.parse(records, keys, timestamps)
+        first_bad = {b.index for b in parsed.bad}
+        drop = ~ok[parsed.good_idx]
+        parsed = parsed.select(~drop) if drop.any() else parsed
+        parsed.bad = sorted(parsed.bad + [b for b in kbad if b.index not in first_bad], key=lambda b: b.index)
+        parsed.keyed = kr.take(parsed.good_idx)
+        return parsed
+
+    def late_rows(self, parsed: ParsedBatch, keep: np.ndarray | None = None) -> tuple[np.ndarray, list[BadRecord]]:
+        """With ``state.late: dead_letter``: ``(late mask over parsed rows, their bad records)``."""
+        return late_rows(self.keyed, parsed.keyed, parsed.good_idx, keep)
+
+    def _parse(self, records: Sequence[Any]) -> ParsedBatch:
         n = len(records)
         if self._layout is None:  # the first batch: the first usable record fixes the layout, record by record
             return self._parse_rows(records, range(n))
@@ -246,7 +275,8 @@ class FeaturePipeline:
         return ParsedBatch(numeric, cats, np.asarray(good, dtype=np.int64), bad)
 
     def transform_parsed(
-        self, parsed: ParsedBatch, keep: np.ndarray | None = None, update: bool = True, sequential: bool = False
+        self, parsed: ParsedBatch, keep: np.ndarray | None = None, update: bool = True, sequential: bool = False,
+        labels: np.ndarray | None = None, keyed_update: bool | None = None,
     ) -> np.ndarray:
         """Parsed rows (``keep``-masked) -> ``X`` float32; with ``update``, learn first.
 
@@ -257,6 +287,10 @@ class FeaturePipeline:
         is standardised with the statistics of the rows up to and including it,
         as if the batch came one record at a time (per-record learning, where
         the batch size must not change what is learned).
+
+        Stateful columns (``self.keyed``) come last: ``labels`` (float per kept row,
+        NaN: none) feed the label history after each row's features are taken;
+        ``keyed_update`` (default ``update``) lets the per-key state take the rows.
         """
         if keep is not None:
             parsed = parsed.select(keep)
@@ -264,6 +298,10 @@ class FeaturePipeline:
         X = np.zeros((n, self.n_features or 0), dtype=np.float32)
         if n == 0:
             return X
+        if self.keyed is not None and parsed.keyed is not None:
+            width = self.keyed.width
+            X[:, X.shape[1] - width:] = self.keyed.transform(
+                parsed.keyed, labels, update if keyed_update is None else keyed_update, sequential)
         assert self._scaler is not None and self._layout is not None
         d = self._scaler.n_features
         if d:
@@ -301,15 +339,21 @@ class FeaturePipeline:
         return X
 
     def transform_batch(
-        self, records: Sequence[Any], update: bool = True
+        self, records: Sequence[Any], update: bool = True, keys: Sequence[Any] | None = None,
+        timestamps: Sequence[Any] | None = None, keyed_update: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[BadRecord]]:
         """``records`` -> ``(X float32 [n_good, d], good_idx int64 [n_good], bad)``.
 
         With ``update`` the running statistics and vocabularies learn from the
         good records first (training); without it nothing changes (inference).
         """
-        parsed = self.parse(records)
-        return self.transform_parsed(parsed, update=update), parsed.good_idx, parsed.bad
+        parsed = self.parse(records, keys, timestamps)
+        late, late_bad = self.late_rows(parsed)
+        if late.any():
+            parsed = parsed.select(~late)
+            parsed.bad = sorted(parsed.bad + late_bad, key=lambda b: b.index)
+        X = self.transform_parsed(parsed, update=update, keyed_update=keyed_update)
+        return X, parsed.good_idx, parsed.bad
 
     def _numeric_row(self, record: Any) -> np.ndarray:
         assert self._layout is not None
@@ -354,6 +398,8 @@ class FeaturePipeline:
             "max_categories": s.max_categories,
             "hash_buckets": s.hash_buckets,
             "standardize": s.standardize,
+            **({"keyed": KeyedFields(**{k: getattr(s, k) for k in KeyedFields.model_fields}).model_dump(mode="json")}
+               if s.stateful else {}),
         }  # not the label field: it only matters before the layout is fixed (and an infer-only spec has none)
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -370,6 +416,8 @@ class FeaturePipeline:
             )
             assert self._scaler is not None
             state.update({f"scaler/{k}": v for k, v in self._scaler.state_dict().items()})
+        if self.keyed is not None:
+            state.update(prefixed("keyed", self.keyed.state_dict()))
         if self.spec.categorical_encoding == "onehot" and self.spec.categorical:
             # the index of each key is its position in the list
             state["vocab"] = json_array(
@@ -394,6 +442,8 @@ class FeaturePipeline:
             self._scaler.load_state_dict(unprefixed("scaler", state))
         elif self._wildcard or self.spec.numeric:
             self._layout, self._scaler, self._array_records = None, None, False
+        if self.keyed is not None:
+            self.keyed.load_state_dict(unprefixed("keyed", state))
         if "vocab" in state:
             vocab = from_json_array(state["vocab"])
             self._vocab = {f: {k: i for i, k in enumerate(vocab.get(f, []))} for f in self.spec.categorical}
