@@ -55,6 +55,8 @@ class Match:
     yhat: float
     y: float
     index: int
+    #: the features record's state key (stateful features: its label joins that key's label history)
+    tag: bytes | None = None
 
 
 def join_key(key: Any) -> str | None:
@@ -82,8 +84,8 @@ class LabelJoin:
 
     def _clear(self) -> None:
         self.clock = 0  # features records added so far (the join's clock)
-        # seq -> (key, x, p, yhat); seq = clock when added, so the dict is oldest first
-        self.pending: OrderedDict[int, tuple[str, np.ndarray, np.ndarray, float]] = OrderedDict()
+        # seq -> (key, x, p, yhat, tag); seq = clock when added, so the dict is oldest first
+        self.pending: OrderedDict[int, tuple[str, np.ndarray, np.ndarray, float, bytes | None]] = OrderedDict()
         self._pending_by_key: dict[str, deque[int]] = {}
         # label seq -> (key, y, clock when it arrived)
         self.early: OrderedDict[int, tuple[str, float, int]] = OrderedDict()
@@ -125,10 +127,13 @@ class LabelJoin:
             self._pop(self._early_by_key, key)
             self.n_unmatched += 1
 
-    def add_features(self, keys: Sequence[Any], x: np.ndarray, p: np.ndarray, yhat: np.ndarray) -> list[Match]:
-        """Predictions made now; returns those whose label was already waiting."""
+    def add_features(self, keys: Sequence[Any], x: np.ndarray, p: np.ndarray, yhat: np.ndarray,
+                     tags: Sequence[bytes | None] | None = None) -> list[Match]:
+        """Predictions made now; returns those whose label was already waiting.
+        ``tags``: carried to each record's :class:`Match` (the stateful features' key)."""
         matches = []
         for i, raw in enumerate(keys):
+            tag = tags[i] if tags is not None else None
             self.clock += 1
             self.n_features += 1
             self._expire()
@@ -138,10 +143,10 @@ class LabelJoin:
                 continue
             if key in self._early_by_key:
                 y = self.early.pop(self._pop(self._early_by_key, key))[1]
-                matches.append(Match(x[i], p[i], float(yhat[i]), y, i))
+                matches.append(Match(x[i], p[i], float(yhat[i]), y, i, tag))
                 self.n_matched += 1
             else:
-                self.pending[self.clock] = (key, x[i], p[i], float(yhat[i]))
+                self.pending[self.clock] = (key, x[i], p[i], float(yhat[i]), tag)
                 self._pending_by_key.setdefault(key, deque()).append(self.clock)
         return matches
 
@@ -155,8 +160,8 @@ class LabelJoin:
                 self.n_no_key += 1
                 continue
             if key in self._pending_by_key:
-                _, x, p, yhat = self.pending.pop(self._pop(self._pending_by_key, key))
-                matches.append(Match(x, p, yhat, float(y[i]), i))
+                _, x, p, yhat, tag = self.pending.pop(self._pop(self._pending_by_key, key))
+                matches.append(Match(x, p, yhat, float(y[i]), i, tag))
                 self.n_matched += 1
             elif key in self._expired:
                 self.n_late += 1
@@ -188,6 +193,7 @@ class LabelJoin:
             "window": self.window, "clock": self.clock, "label_seq": self._label_seq,
             "counters": {c: getattr(self, c) for c in _COUNTERS},
             "pending_keys": [v[0] for _, v in pend], "early_keys": [v[0] for _, v in early],
+            "pending_tags": [None if v[4] is None else v[4].hex() for _, v in pend],
             "expired": [[k, n] for k, n in self._expired.items()],
         }
         state = {
@@ -213,8 +219,10 @@ class LabelJoin:
             setattr(self, c, int(meta["counters"][c]))
         seqs = np.asarray(state["pending_seq"]).tolist()
         yhat = np.asarray(state["pending_yhat"]).tolist()
-        for i, (seq, key) in enumerate(zip(seqs, meta["pending_keys"], strict=True)):
-            self.pending[seq] = (key, np.asarray(state["pending_x"][i]), np.asarray(state["pending_p"][i]), yhat[i])
+        tags = meta.get("pending_tags") or [None] * len(seqs)
+        for i, (seq, key, tag) in enumerate(zip(seqs, meta["pending_keys"], tags, strict=True)):
+            self.pending[seq] = (key, np.asarray(state["pending_x"][i]), np.asarray(state["pending_p"][i]), yhat[i],
+                                 None if tag is None else bytes.fromhex(tag))
             self._pending_by_key.setdefault(key, deque()).append(seq)
         for lseq, key, y, clk in zip(np.asarray(state["early_seq"]).tolist(), meta["early_keys"],
                                      np.asarray(state["early_y"]).tolist(),
@@ -230,15 +238,20 @@ class LabelJoin:
 # OnlineLearner.process_features / process_labels, here beside the join they drive.
 
 
-def features_step(learner: Any, records: Sequence[Any], keys: Sequence[Any], train: bool = True) -> BatchOutcome:
+def features_step(learner: Any, records: Sequence[Any], keys: Sequence[Any], train: bool = True,
+                  record_keys: Sequence[Any] | None = None, timestamps: Sequence[Any] | None = None) -> BatchOutcome:
     """``OnlineLearner.process_features``."""
     if learner.join is None or learner.labels is None or learner.metrics is None:
         raise RuntimeError("process_features() needs a spec with 'label' and 'labels' sections")
     n = len(records)
-    X, good_idx, bad, P, yhat = learner._predict_records(records, update=train, n_known=learner.labels.n_known)
+    X, good_idx, bad, P, yhat = learner._predict_records(records, update=train, n_known=learner.labels.n_known,
+                                                         keys=record_keys, timestamps=timestamps)
     if P is None:
         return BatchOutcome([None] * n, bad)
-    matches = learner.join.add_features([keys[i] for i in good_idx.tolist()], X, P, yhat)
+    keyed = learner.features.keyed
+    tags = keyed.last_keys if keyed is not None and keyed.spec.label_history else None
+    matches = learner.join.add_features([keys[i] for i in good_idx.tolist()], X, P, yhat, tags)
+    _label_history(learner, matches)
     for m in matches:
         m.index = int(good_idx[m.index])
     loss, n_learned, events = learn_matches(learner, matches, train)
@@ -257,8 +270,17 @@ def labels_step(learner: Any, keys: Sequence[Any], values: Sequence[Any], train:
     matches = learner.join.add_labels([keys[i] for i in good_list], y)
     for m in matches:
         m.index = int(good_list[m.index])
+    _label_history(learner, matches)
     loss, n_learned, events = learn_matches(learner, matches, train)
     return BatchOutcome([], bad, loss, n_learned, len(matches), [], events)
+
+def _label_history(learner: Any, matches: list[Match]) -> None:
+    """Labels that arrived join their features records' label history (stateful features)."""
+    keyed = learner.features.keyed
+    tagged = [m for m in matches if m.tag is not None]
+    if keyed is not None and tagged:
+        keyed.add_labels([m.tag for m in tagged], np.array([m.y for m in tagged]))
+
 
 def learn_matches(learner: Any, matches: list[Match], train: bool) -> tuple[float | None, int, list[dict[str, Any]]]:
     """Score the stored predictions of completed matches, then learn their records."""

@@ -47,6 +47,7 @@ from tensorstream.features.scaler import RunningStandardizer
 from tensorstream.features.transform import FeaturePipeline
 from tensorstream.learn.delayed import LabelJoin, features_step, labels_step
 from tensorstream.learn.drift import DriftMonitor, signal_values
+from tensorstream.learn.keyed import keyed_options, keyed_snapshot, labels_of
 from tensorstream.learn.metrics import PrequentialMetrics
 from tensorstream.learn.outcome import BatchOutcome
 from tensorstream.learn.policies import make_policy
@@ -116,7 +117,7 @@ class OnlineLearner:
         self.replay = ReplayBuffer(replay, replay_buffer, seed=spec.model.seed, mode=learn_spec.replay_mode)
         self.learning = learn_spec.learning
         label_field = spec.label.field if spec.label else None
-        self.features = FeaturePipeline(spec.features, label_field=label_field)
+        self.features = FeaturePipeline(spec.features, label_field=label_field, **keyed_options(spec))
         self.labels = LabelEncoder(spec.label) if spec.label else None
         self.metrics = (
             PrequentialMetrics(spec.label.task, spec.label.n_outputs, spec.metrics_window, history_every)
@@ -178,6 +179,7 @@ class OnlineLearner:
         out.update(self.policy.snapshot())
         if self.join is not None:
             out.update(self.join.snapshot())
+        out.update(keyed_snapshot(self.features))
         return out
 
     # -------------------------------------------------------------- the loop
@@ -243,13 +245,18 @@ class OnlineLearner:
         P = np.asarray(self.backend.predict(X))
         return P, (self.values_of(P) if self.task == "regression" else predicted_index(P, n_known))
 
-    def process(self, records: Sequence[Any], train: bool = True) -> BatchOutcome:
-        """Test-then-train one batch; ``train=False`` scores without learning."""
+    def process(self, records: Sequence[Any], train: bool = True, keys: Sequence[Any] | None = None,
+                timestamps: Sequence[Any] | None = None) -> BatchOutcome:
+        """Test-then-train one batch; ``train=False`` scores without learning.
+
+        ``keys`` / ``timestamps``: the records' Kafka keys and timestamps (ms), for the
+        stateful features (``features.key: "@key"``, ``features.time: "@timestamp"``).
+        """
         if self.labels is None or self.metrics is None:
             raise RuntimeError("process() needs a spec with a 'label' section; use predict()")
         n = len(records)
         self.n_seen += n
-        parsed = self.features.parse(records)
+        parsed = self.features.parse(records, keys, timestamps)
         bad = list(parsed.bad)
         # Labels of the records whose features parsed. A class set grows here even
         # with train=False: that only names an output slot, it teaches no weights.
@@ -263,6 +270,9 @@ class OnlineLearner:
             else:
                 keep[b.index] = False
                 bad.append(b.at(int(parsed.good_idx[b.index])))
+        late, late_bad = self.features.late_rows(parsed, keep)  # state.late: dead_letter
+        keep &= ~late
+        bad += late_bad
         labelled = np.zeros(len(parsed), dtype=bool)
         labelled[lgood] = True
         labelled = labelled[keep]
@@ -275,8 +285,11 @@ class OnlineLearner:
         sequential = train and self.per_record
         # Feature statistics learn from the batch (unsupervised) before it is
         # transformed; see FeaturePipeline.transform_parsed.
-        X = (self.features.transform_parsed(parsed, keep, update=True, sequential=True) if sequential
-             else self.features.transform_parsed(parsed, keep, update=train))
+        # Stateful features see the labels of the rows before each row (never its own); the
+        # per-key state takes every kept record, learned or not (it is the stream's state).
+        lab = labels_of(y_rows, labelled)
+        X = (self.features.transform_parsed(parsed, keep, update=True, sequential=True, labels=lab) if sequential
+             else self.features.transform_parsed(parsed, keep, update=train, labels=lab, keyed_update=True))
         if len(X) == 0:
             self.n_bad += len(bad)
             return BatchOutcome([None] * n, sorted(bad, key=lambda b: b.index), None, 0, 0, unlabelled)
@@ -306,14 +319,17 @@ class OnlineLearner:
 
     # ---------------------------------------------------------- delayed labels
 
-    def process_features(self, records: Sequence[Any], keys: Sequence[Any], train: bool = True) -> BatchOutcome:
+    def process_features(self, records: Sequence[Any], keys: Sequence[Any], train: bool = True,
+                         record_keys: Sequence[Any] | None = None,
+                         timestamps: Sequence[Any] | None = None) -> BatchOutcome:
         """Delayed labels, step 1: predict ``records`` now and keep each prediction, under
         ``keys[i]``, for its label (a label already waiting completes it at once).
 
         A label field in these records is ignored: labels come through
         :meth:`process_labels`. ``unlabelled`` lists the records left waiting.
+        ``record_keys`` / ``timestamps``: as in :meth:`process` (``keys`` are the join keys).
         """
-        return features_step(self, records, keys, train)
+        return features_step(self, records, keys, train, record_keys, timestamps)
 
     def process_labels(self, keys: Sequence[Any], values: Sequence[Any], train: bool = True) -> BatchOutcome:
         """Delayed labels, step 2: label values (as in records' label field) for ``keys``.
@@ -324,18 +340,26 @@ class OnlineLearner:
         """
         return labels_step(self, keys, values, train)
 
-    def predict(self, records: Sequence[Any]) -> BatchOutcome:
-        """Inference only: no metric, feature-statistic, vocabulary or weight change."""
-        _, good_idx, bad, P, yhat = self._predict_records(records, update=False, n_known=len(self.classes))
+    def predict(self, records: Sequence[Any], keys: Sequence[Any] | None = None,
+                timestamps: Sequence[Any] | None = None) -> BatchOutcome:
+        """Inference only: no metric, feature-statistic, vocabulary or weight change.
+
+        The per-key state of stateful features does advance (windows and lags follow the
+        stream being served; no label reaches the label history here).
+        """
+        _, good_idx, bad, P, yhat = self._predict_records(records, update=False, n_known=len(self.classes),
+                                                          keys=keys, timestamps=timestamps)
         if P is None:
             return BatchOutcome([None] * len(records), bad)
         return self._outcome(len(records), good_idx, P, yhat, bad=bad)
 
-    def _predict_records(self, records: Sequence[Any], update: bool, n_known: int) -> tuple[Any, ...]:
+    def _predict_records(self, records: Sequence[Any], update: bool, n_known: int, keys: Sequence[Any] | None = None,
+                         timestamps: Sequence[Any] | None = None) -> tuple[Any, ...]:
         """Count, transform and predict ``records`` with the model as it is:
         ``(X, good_idx, bad, P, yhat)``, ``P`` and ``yhat`` None when no record is usable."""
         self.n_seen += len(records)
-        X, good_idx, bad = self.features.transform_batch(records, update=update)
+        X, good_idx, bad = self.features.transform_batch(records, update=update, keys=keys, timestamps=timestamps,
+                                                         keyed_update=True)
         self.n_bad += len(bad)
         if len(X) == 0:
             return X, good_idx, bad, None, None

@@ -336,15 +336,18 @@ class Pipeline:
 
     def _learn_or_predict(self, decoded: list[Any], keep: list[Record], batch: list[Record]) -> None:
         version = self.version_for_batch()
+        # Stateful features (features.key: "@key", features.time: "@timestamp") read the
+        # Kafka record keys and timestamps of the decoded records.
+        rkeys, stamps = [r.key for r in keep], [r.timestamp_ms for r in keep]
         if self.spec.labels is not None:  # predict now, learn when the label comes
             kf = self.spec.labels.key_field
             keys = [r.key if kf is None else (d.get(kf) if isinstance(d, dict) else None)
                     for r, d in zip(keep, decoded, strict=True)]
-            outcome = self.learner.process_features(decoded, keys, train=True)
+            outcome = self.learner.process_features(decoded, keys, train=True, record_keys=rkeys, timestamps=stamps)
         elif self.spec.trains:
-            outcome = self.learner.process(decoded, train=True)
+            outcome = self.learner.process(decoded, train=True, keys=rkeys, timestamps=stamps)
         else:
-            outcome = self.learner.predict(decoded)
+            outcome = self.learner.predict(decoded, keys=rkeys, timestamps=stamps)
         self.obs.on_learn(outcome.n_learned, outcome.loss)
         self.events.write(self.sink, outcome.events, keep, batch, self.counters.records, self.version_for_batch())
         for b in outcome.bad:

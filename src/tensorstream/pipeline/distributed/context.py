@@ -125,6 +125,10 @@ def _check_supported(spec: PipelineSpec) -> None:
     if getattr(spec, "labels", None) is not None:
         raise DistributedError("distributed training reads labels from the record; a 'labels' topic is not "
                                "supported with world_size > 1")
+    if getattr(spec.features, "stateful", False):
+        # Per-key state lives in one process; ranks would each hold part of every key's history.
+        raise DistributedError("stateful features (windows, lags, label_history, time_features) are not "
+                               "supported with world_size > 1: train them in one process")
     drift = getattr(spec, "drift", None)
     if drift is not None and getattr(drift, "policy", "none") != "none":
         # A policy acts on one rank's error stream: the ranks would change their models differently.
