@@ -13,6 +13,15 @@ True
 Drifting streams used by the demo and the drift tests have short names:
 ``river:drift.sea`` (SEA variant 0 -> 1 at 500, width 50) and
 ``river:drift.agrawal`` (Agrawal function 0 -> 2 at 5000, abrupt).
+
+Keyed streams for stateful features (docs/features.md), endless (pass a limit):
+``river:keyed.transactions`` (card payments; the label is "this amount is far above
+the card's usual", unreadable without the card's history) and ``river:keyed.sticky``
+(a label that persists per key: the previous label is a strong baseline).
+
+>>> r = next(iter(open_source("river:keyed.transactions?seed=1", limit=1)))
+>>> sorted(r)
+['amount', 'card', 'merchant', 'ts', 'y']
 """
 
 from __future__ import annotations
@@ -56,7 +65,57 @@ def _drift_agrawal(seed: int = 42, position: int = 5000, before: int = 0, after:
                            synth.Agrawal(classification_function=after, seed=seed + 1))
 
 
-PRESETS: dict[str, Callable[..., Any]] = {"drift.sea": _drift_sea, "drift.agrawal": _drift_agrawal}
+def _keyed_transactions(seed: int = 42, cards: int = 200, anomaly: float = 0.25, noise: float = 0.03,
+                        late: float = 0.02, start_ms: int = 1_700_000_000_000) -> Iterator[tuple[dict[str, Any], int]]:
+    """Card payments: ``{card, ts, amount, merchant}``, label ``y`` = 1 for an anomalous amount.
+
+    Each card has its own usual amount (log-uniform between 10 and 1000); an anomaly
+    (probability ``anomaly``) is 4x the card's usual. Over all cards, amounts of
+    anomalies and normal payments overlap: only the card's own history (a window mean,
+    the previous amounts) tells them apart. Cards are Zipf-popular; payments arrive
+    about a second apart (``ts``, epoch ms), a fraction ``late`` up to 3 s out of
+    order; ``noise``: labels flipped.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    usual = rng.uniform(np.log(10), np.log(1000), cards)
+    popularity = 1.0 / np.arange(1, cards + 1) ** 0.7
+    popularity /= popularity.sum()
+    t = start_ms
+    while True:
+        card = int(rng.choice(cards, p=popularity))
+        t += int(rng.exponential(1000)) + 1
+        odd = rng.random() < anomaly
+        amount = float(np.exp(usual[card] + 0.25 * rng.normal() + (np.log(4) if odd else 0.0)))
+        ts = t - int(rng.uniform(0, 3000)) if rng.random() < late else t
+        y = int(odd) ^ int(rng.random() < noise)
+        yield {"card": f"c{card}", "ts": ts, "amount": round(amount, 2), "merchant": f"m{rng.integers(20)}"}, y
+
+
+def _keyed_sticky(seed: int = 42, keys: int = 20, stay: float = 0.85, signal: float = 1.0,
+                  start_ms: int = 1_700_000_000_000) -> Iterator[tuple[dict[str, Any], int]]:
+    """An autocorrelated label: each key's hidden state persists (probability ``stay`` per
+    record of the key) and is the label; ``x0..x2`` are weak noisy readings of it
+    (``signal`` standard deviations apart). "Predict the key's previous label" is right
+    about ``stay`` of the time; the readings alone about ``Phi(signal * sqrt(3) / 2)`` (0.81)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    state = rng.integers(0, 2, keys)
+    t = start_ms
+    while True:
+        k = int(rng.integers(keys))
+        if rng.random() > stay:
+            state[k] ^= 1
+        t += int(rng.exponential(1000)) + 1
+        mean = signal * (state[k] - 0.5)
+        x = {f"x{j}": round(float(mean + rng.normal()), 4) for j in range(3)}
+        yield {"key": f"k{k}", "ts": t, **x}, int(state[k])
+
+
+PRESETS: dict[str, Callable[..., Any]] = {"drift.sea": _drift_sea, "drift.agrawal": _drift_agrawal,
+                                          "keyed.transactions": _keyed_transactions, "keyed.sticky": _keyed_sticky}
 
 
 def river_dataset(name: str) -> Any:

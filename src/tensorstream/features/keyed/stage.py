@@ -158,7 +158,8 @@ class KeyedFeatures:
         while a < n:
             b = min(n, a + MAX_CHUNK, a + every - n_obs % every)
             if scratch is None:
-                rows, slots = self.store.rows, self.store.lookup(kr.keys[a:b])
+                slots = self.store.lookup(kr.keys[a:b])  # may grow (or, on disk, reload) the rows
+                rows = self.store.rows
             else:
                 rows, slots = scratch[0], scratch[1][a:b]
             t = kr.t[a:b]
