@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 #: epochs whose undo log is kept (a restore may fall back this many checkpoints)
 KEEP_EPOCHS = 8
 _BATCH = 500  # keys per SELECT ... IN (...)
+#: the smallest cache: one chunk's keys (stage.MAX_CHUNK) must fit, with room to spare
+MIN_CACHE = 300
 
 
 class DiskStore:
@@ -54,14 +56,15 @@ class DiskStore:
                  index_lru: bool = False) -> None:
         self.dtype = dtype
         self.path = Path(path)
-        self.cache_keys = max(int(cache_keys), 1024)
+        self.cache_keys = max(int(cache_keys), MIN_CACHE)
         self.index_ttl, self.index_lru = index_ttl, index_lru
-        self.rows = empty_rows(dtype, 1024)
+        cap = min(1024, self.cache_keys)
+        self.rows = empty_rows(dtype, cap)
         self.index: dict[bytes, int] = {}
-        self.keys: list[bytes | None] = [None] * 1024
-        self.free: list[int] = list(range(1023, -1, -1))
+        self.keys: list[bytes | None] = [None] * cap
+        self.free: list[int] = list(range(cap - 1, -1, -1))
         self.pending: dict[bytes, bytes | None] = {}  # changed rows out of the cache; None: deleted
-        self.dirty = np.zeros(1024, dtype=bool)
+        self.dirty = np.zeros(cap, dtype=bool)
         self.n_keys = 0
         self.epoch = 0
         self.id = ""
