@@ -284,6 +284,9 @@ class DiskStore:
         if have > want and want + 1 < undo_from:
             raise ValueError(f"the disk keyed store {self.path} is at epoch {have}; its undo log reaches back "
                              f"to {undo_from - 1}, not to the checkpoint's {want}")
+        if have > want:
+            log.info("disk keyed store %s: rolling epochs %d..%d back to the checkpoint's %d", self.path,
+                     want + 1, have, want)
         db.execute("BEGIN IMMEDIATE")
         for e in range(have, want, -1):  # newest first: each epoch's undo restores the one before it
             for key, row, seen, acc in db.execute("SELECT key, row, seen, acc FROM undo WHERE epoch = ?",
