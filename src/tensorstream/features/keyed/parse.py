@@ -78,11 +78,13 @@ def parse_keyed(spec: KeyedFeatureFields, numeric: list[str], hashed: list[str],
                 keys[i] = bytes(k)
     elif spec.key is not None:
         col = column(spec.key)
-        for i, v in enumerate(col):
+        strs, ok = category_columns([{"v": v} for v in col], [FieldPath("v")])  # strings and ints, columnar
+        keys = list(map(str.encode, strs[0]))
+        for i in np.flatnonzero(~ok).tolist():
             try:
-                if v is MISSING:
+                if col[i] is MISSING:
                     raise FieldError("missing_field", f"key field '{spec.key}' is missing", spec.key)
-                keys[i] = category_key(spec.key, v).encode()
+                keys[i] = category_key(spec.key, col[i]).encode()
             except FieldError as err:
                 _fail(bad, i, err)
         if record_keys is not None:
