@@ -142,3 +142,17 @@ def test_what_is_refused():
     out = learner.process([{"x": 1.0, "y": "no"}, {"x": 2.0, "y": "no"}], keys=[b"a", None], timestamps=[1, 2])
     assert [(b.index, b.error_type, b.field) for b in out.bad] == [(1, "missing_field", "@key")]
     assert learner.features.keyed.store.n_keys == 1
+
+
+def test_an_inference_worker_keeps_its_own_keyed_state_across_model_versions():
+    train = _spec(features={"numeric": ["x"], "key": "k", "time": "ts", "lags": {"x": 1}})
+    trainer = OnlineLearner(train, Recorder())
+    trainer.process([{"k": "a", "ts": 1, "x": 1.0, "y": "no"}])
+    infer = train.model_copy(update={"mode": "infer", "sink": {"topic": "o"}, "versions": {"watch": True}})
+    worker = OnlineLearner(infer, Recorder())
+    worker.load_state_dict(trainer.state_dict())  # the first model: its state too (a warm start)
+    assert worker.features.keyed.store.n_keys == 1
+    worker.predict([{"k": "b", "ts": 5, "x": 2.0}])
+    trainer.process([{"k": "c", "ts": 2, "x": 1.0, "y": "no"}])
+    worker.load_state_dict(trainer.state_dict())  # a new version: the model changes, the stream state not
+    assert sorted(worker.features.keyed.store.index) == [b"a", b"b"]

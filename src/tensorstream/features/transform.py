@@ -442,7 +442,7 @@ class FeaturePipeline:
             self._scaler.load_state_dict(unprefixed("scaler", state))
         elif self._wildcard or self.spec.numeric:
             self._layout, self._scaler, self._array_records = None, None, False
-        if self.keyed is not None:
+        if self.keyed is not None and "keyed/meta" in state:  # absent: the per-key state stays as it is
             self.keyed.load_state_dict(unprefixed("keyed", state))
         if "vocab" in state:
             vocab = from_json_array(state["vocab"])

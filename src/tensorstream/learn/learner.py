@@ -373,7 +373,15 @@ class OnlineLearner:
         return learner_state(self)
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore :meth:`state_dict`; the learner then continues identically."""
+        """Restore :meth:`state_dict`; the learner then continues identically.
+
+        An inference worker (``mode: infer``) whose per-key feature state already follows
+        its own stream keeps it when a new model version is loaded: the trainer's state
+        is as of the trainer's offsets, not the worker's.
+        """
+        keyed = self.features.keyed
+        if keyed is not None and self.spec.mode == "infer" and keyed.n_obs > 0:
+            state = {k: v for k, v in state.items() if not k.startswith("features/keyed/")}
         load_learner_state(self, state)
 
 

@@ -2,7 +2,8 @@
 
 Everything a checkpoint needs so that a restored learner continues exactly as
 the original would have: ``backend/<backend key>`` (weights + optimizer, only
-once built), ``features/...``, ``labels/classes``, ``target/...`` (the
+once built), ``features/...`` (with ``features/keyed/...``: the per-key state of stateful
+features, or the disk store's epoch), ``labels/classes``, ``target/...`` (the
 regression target's scaler, when the target is standardised), ``metrics/...``,
 ``replay/...`` (buffer and sampler; empty when replay is off), ``drift/...``,
 ``policy/...``, ``join/...`` (delayed labels), ``learner/n_learned``,
