@@ -76,7 +76,9 @@ def _pipeline(store: str, path: Path | None = None, cache: int = 100_000, spec: 
         from tensorstream.features.keyed.disk import DiskStore
         from tensorstream.features.keyed.layout import row_dtype
 
-        return FeaturePipeline(f, "y", label_width=2, keyed_store=DiskStore(row_dtype(f), path, cache_keys=cache))
+        store = DiskStore(row_dtype(f), path, cache_keys=cache, index_ttl=f.state.ttl is not None,
+                          index_lru=f.state.max_keys is not None)  # as the learner makes it
+        return FeaturePipeline(f, "y", label_width=2, keyed_store=store)
     return FeaturePipeline(f, "y", label_width=2)
 
 

@@ -190,14 +190,15 @@ class DiskStore:
 
     # -------------------------------------------------------------------- sweep
 
-    def _current(self) -> dict[bytes, tuple[int, int]]:
-        """(seen, acc) of the keys whose newest row is in memory (cache or pending)."""
-        out = {k: (int(self.rows["seen"][s]), int(self.rows["acc"][s])) for k, s in self.index.items()}
-        for k, row in self.pending.items():
-            if row is not None:
-                r = np.frombuffer(row, dtype=self.dtype)[0]
-                out[k] = (int(r["seen"]), int(r["acc"]))
-        return out
+    def _in_memory(self, field: str) -> tuple[list[bytes], np.ndarray]:
+        """Keys whose newest row is in memory (cache, then changed rows out of it), and ``field`` of each."""
+        slots = np.array(list(self.index.values()), dtype=np.int64)
+        keys = [self.keys[s] for s in slots.tolist()]
+        vals = [self.rows[field][slots]]
+        rows = [(k, r) for k, r in self.pending.items() if r is not None]
+        keys += [k for k, _ in rows]  # type: ignore[misc]
+        vals.append(np.array([np.frombuffer(r, dtype=self.dtype)[0][field] for _, r in rows], dtype=np.int64))
+        return keys, np.concatenate(vals)  # type: ignore[return-value]
 
     def _drop(self, keys: list[bytes]) -> None:
         for k in keys:
@@ -211,25 +212,31 @@ class DiskStore:
 
     def sweep(self, watermark: int, ttl: int | None, max_keys: int | None) -> tuple[int, int]:
         db = self._fresh()
-        mem = self._current()
-        gone = {k for k, v in self.pending.items() if v is None}
         expired = evicted = 0
         if ttl is not None:
             limit = watermark - ttl
-            old = [k for k, (seen, _) in mem.items() if seen < limit]
+            keys, seen = self._in_memory("seen")
+            mem = set(keys)
+            gone = {k for k, v in self.pending.items() if v is None}
+            old = [keys[i] for i in np.flatnonzero(seen < limit).tolist()]
             old += [k for (k,) in db.execute("SELECT key FROM kv WHERE seen < ?", (limit,))
                     if k not in mem and k not in gone]
             self._drop(old)
             expired = len(old)
-            for k in old:
-                mem.pop(k, None)
-            gone.update(old)
         if max_keys is not None and self.n_keys > max_keys:
             excess = self.n_keys - max_keys
-            cand = [(acc, k) for k, (_, acc) in mem.items()]
-            q = "SELECT acc, key FROM kv ORDER BY acc LIMIT ?"
-            cand += [(acc, k) for acc, k in db.execute(q, (excess + len(mem) + len(gone),))
-                     if k not in mem and k not in gone]
+            keys, acc = self._in_memory("acc")
+            mem = set(keys)
+            gone = {k for k, v in self.pending.items() if v is None}
+            cand = [(int(a), k) for a, k in zip(acc.tolist(), keys, strict=True)]
+            found = 0
+            for a, k in db.execute("SELECT acc, key FROM kv ORDER BY acc"):  # oldest first: stops early
+                if k in mem or k in gone:
+                    continue
+                cand.append((a, k))
+                found += 1
+                if found >= excess:
+                    break
             cand.sort()
             victims = [k for _, k in cand[:excess]]
             self._drop(victims)

@@ -56,6 +56,7 @@ class MemoryStore:
         self.index: dict[bytes, int] = {}
         self.keys: list[bytes | None] = [None] * capacity
         self.free: list[int] = list(range(capacity - 1, -1, -1))
+        self.live = np.zeros(capacity, dtype=bool)  # slots holding a key (vectorised sweeps)
 
     @property
     def n_keys(self) -> int:
@@ -68,6 +69,7 @@ class MemoryStore:
         rows[:cap] = self.rows
         self.rows = rows
         self.keys.extend([None] * (new - cap))
+        self.live = np.concatenate([self.live, np.zeros(new - cap, dtype=bool)])
         self.free = list(range(new - 1, cap - 1, -1)) + self.free
 
     def lookup(self, keys: list[bytes]) -> np.ndarray:
@@ -80,6 +82,7 @@ class MemoryStore:
                 slot = self.free.pop()
                 index[k] = slot
                 self.keys[slot] = k
+                self.live[slot] = True
         return np.fromiter(map(index.__getitem__, keys), dtype=np.int64, count=len(keys))
 
     def peek(self, keys: list[bytes]) -> np.ndarray:
@@ -96,13 +99,14 @@ class MemoryStore:
             del self.index[self.keys[s]]  # type: ignore[index]
             self.keys[s] = None
             self.free.append(s)
+        self.live[slots] = False
         sub = self.rows[slots]
         init_rows(sub)
         self.rows[slots] = sub
 
     def sweep(self, watermark: int, ttl: int | None, max_keys: int | None) -> tuple[int, int]:
         """Drop expired keys, then the least recently seen beyond ``max_keys``: ``(expired, evicted)``."""
-        live = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
+        live = np.flatnonzero(self.live)
         expired = evicted = 0
         if ttl is not None and len(live):
             old = self.rows["seen"][live] < watermark - ttl
@@ -138,6 +142,8 @@ class MemoryStore:
         self.index = dict(zip(keys, range(len(keys)), strict=True))
         self.keys = [*keys, *([None] * (cap - len(keys)))]
         self.free = list(range(cap - 1, len(keys) - 1, -1))
+        self.live = np.zeros(cap, dtype=bool)
+        self.live[: len(keys)] = True
 
     def commit(self) -> dict[str, Any]:
         """What the checkpoint's meta records about the store (nothing to make durable here)."""
