@@ -76,6 +76,10 @@ class DiskStore:
         if self._db is None:
             self.path.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path / "state.sqlite", isolation_level=None)
+            # 16 KiB pages (before the first table exists): rows up to ~4 KiB stay inside their b-tree
+            # page; with 4 KiB pages a 2 KiB row spills into an overflow page (measured: 5.4 KB per
+            # key instead of 2.4 at 1M keys of the example's features)
+            db.execute("PRAGMA page_size=16384")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT)")
@@ -253,6 +257,7 @@ class DiskStore:
         for s in slots.tolist():
             writes[self.keys[s]] = self.rows[s].tobytes()  # type: ignore[index]
         epoch = self.epoch + 1
+        writes = dict(sorted(writes.items()))  # in key order: b-tree pages fill instead of splitting in half
         keys = list(writes)
         db.execute("BEGIN IMMEDIATE")
         try:
