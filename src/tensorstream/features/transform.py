@@ -301,7 +301,7 @@ class FeaturePipeline:
         if self.keyed is not None and parsed.keyed is not None:
             width = self.keyed.width
             X[:, X.shape[1] - width:] = self.keyed.transform(
-                parsed.keyed, labels, update if keyed_update is None else keyed_update, sequential)
+                parsed.keyed, labels, update if keyed_update is None else keyed_update, sequential, scale=update)
         assert self._scaler is not None and self._layout is not None
         d = self._scaler.n_features
         if d:

@@ -138,13 +138,14 @@ class KeyedFeatures:
     # -------------------------------------------------------------- transform
 
     def transform(self, kr: KeyedRows, labels: np.ndarray | None = None, update: bool = True,
-                  sequential: bool = True) -> np.ndarray:
+                  sequential: bool = True, scale: bool | None = None) -> np.ndarray:
         """The stateful columns ``float32 [n, width]`` of ``kr`` (in order).
 
         ``labels``: float per row, NaN where the row has none (delayed labels come
         through :meth:`add_labels`). ``update``: the state takes the records (else the
         batch is computed on a scratch copy and forgotten). ``sequential``: standardise
-        each row with statistics up to it (else the batch's, after it).
+        each row with statistics up to it (else the batch's, after it). ``scale``: the
+        standardisation statistics learn from the batch (default: ``update``).
         """
         n = len(kr)
         self.last_keys = list(kr.keys)
@@ -178,7 +179,7 @@ class KeyedFeatures:
                 if n_obs % every == 0:
                     self._sweep()
             a = b
-        return self._scale(raw, update, sequential)
+        return self._scale(raw, update if scale is None else scale, sequential)
 
     def _chunk(self, rows: np.ndarray, c: Chunk, labels: np.ndarray | None) -> np.ndarray:
         """The raw columns of one chunk (NaN: undefined), updating ``rows``."""
