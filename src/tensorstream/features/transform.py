@@ -70,7 +70,7 @@ from tensorstream.features.keyed.stage import late_rows
 from tensorstream.features.scaler import RunningStandardizer
 from tensorstream.features.state import from_json_array, json_array, prefixed, unprefixed
 from tensorstream.spec import FeatureSpec
-from tensorstream.spec.keyed import KeyedFeatureFields as KeyedFields
+from tensorstream.spec.keyed import KEYED_FIELDS
 
 #: the name of the single "field" of a layout made from bare array records
 ARRAY_RECORD = "<array>"
@@ -398,7 +398,7 @@ class FeaturePipeline:
             "max_categories": s.max_categories,
             "hash_buckets": s.hash_buckets,
             "standardize": s.standardize,
-            **({"keyed": KeyedFields(**{k: getattr(s, k) for k in KeyedFields.model_fields}).model_dump(mode="json")}
+            **({"keyed": {k: v for k, v in s.model_dump(mode="json").items() if k in KEYED_FIELDS}}
                if s.stateful else {}),
         }  # not the label field: it only matters before the layout is fixed (and an infer-only spec has none)
 

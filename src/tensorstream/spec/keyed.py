@@ -68,10 +68,14 @@ class WindowSpec(_Strict):
 
     #: the field aggregated (a dotted path); omit it for a window that only counts records
     field: str | None = None
+    #: ``sliding`` (exact, the last ``size``), ``tumbling`` (``size``-aligned) or ``hopping``
+    #: (the ``size`` window ending with the current ``hop`` bucket)
     type: Literal["sliding", "tumbling", "hopping"] = "sliding"
+    #: the window's length: milliseconds or a duration (``10m``, ``1h``)
     size: int
-    #: hopping windows: the step (bucket width)
+    #: hopping windows: the step (bucket width); ``size`` must be a multiple of it
     hop: int | None = None
+    #: the aggregates over the window (``distinct``: exact on sliding windows, HyperLogLog on buckets)
     aggs: list[Literal["count", "sum", "mean", "min", "max", "std", "last", "distinct"]] = Field(min_length=1)
 
     @field_validator("size", "hop", mode="before")
@@ -147,58 +151,39 @@ class KeyedStateSpec(_Strict):
         return None if v is None else duration_ms(v)
 
 
-class KeyedFeatureFields(_Strict):
-    """The stateful half of ``features`` (mixed into FeatureSpec)."""
+#: the stateful fields of FeatureSpec (docs/features.md), in order
+KEYED_FIELDS = ("key", "time", "time_unit", "windows", "lags", "label_history", "time_features", "state")
 
-    #: the state key: a field (dotted path) or ``"@key"`` (the Kafka record key); None: one
-    #: state for the whole stream (lags and label history are then per stream)
-    key: str | None = None
-    #: event time: ``"@timestamp"`` (the record's Kafka timestamp) or a field of epoch time
-    time: str = RECORD_TIME
-    time_unit: Literal["ms", "s"] = "ms"
-    windows: list[WindowSpec] = Field(default_factory=list)
-    #: field -> how many previous values of it (per key) become features
-    lags: dict[str, int] = Field(default_factory=dict)
-    #: the previous k labels of the key (only labels that had arrived before the record)
-    label_history: int = Field(default=0, ge=0, le=1000)
-    time_features: list[Literal["hour_of_day", "day_of_week"]] = Field(default_factory=list)
-    state: KeyedStateSpec = Field(default_factory=KeyedStateSpec)
 
-    @field_validator("lags")
-    @classmethod
-    def _lags(cls, v: dict[str, int]) -> dict[str, int]:
-        for f, k in v.items():
-            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 1000:
-                raise ValueError(f"lags.{f}: the number of previous values must be 1..1000, got {k!r}")
-        return v
+def check_lags(v: dict[str, int]) -> dict[str, int]:
+    for f, k in v.items():
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 1000:
+            raise ValueError(f"lags.{f}: the number of previous values must be 1..1000, got {k!r}")
+    return v
 
-    @field_validator("key", "time")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        if v is not None and (not v or (v.startswith("@") and v not in (RECORD_KEY, RECORD_TIME))):
-            raise ValueError(f"{v!r}: use a field name, '{RECORD_KEY}' (key) or '{RECORD_TIME}' (time)")
-        return v
 
-    @property
-    def stateful(self) -> bool:
-        """Whether any stateful feature is configured."""
-        return bool(self.windows or self.lags or self.label_history or self.time_features)
+def check_name(v: str | None) -> str | None:
+    if v is not None and (not v or (v.startswith("@") and v not in (RECORD_KEY, RECORD_TIME))):
+        raise ValueError(f"{v!r}: use a field name, '{RECORD_KEY}' (key) or '{RECORD_TIME}' (time)")
+    return v
 
-    @property
-    def keyed(self) -> bool:
-        return self.key is not None
 
-    def check_keyed(self) -> None:
-        """Raises ValueError for inconsistent keyed settings (called by FeatureSpec's validator)."""
-        if self.key == RECORD_TIME or self.time == RECORD_KEY:
-            raise ValueError("features.key names the state key ('@key' or a field), features.time the "
-                             "event time ('@timestamp' or a field)")
-        if self.key is not None and not self.stateful:
-            raise ValueError("features.key is set but no stateful feature uses it: add windows, lags or "
-                             "label_history")
-        names = [w.name for w in self.windows]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"windows repeat: {sorted(dup)} (merge their aggs into one window)")
-        if self.state.store == "disk" and not self.stateful:
-            raise ValueError("state.store: disk without stateful features")
+def is_stateful(spec: Any) -> bool:
+    """Whether a ``features`` section configures any stateful feature."""
+    return bool(spec.windows or spec.lags or spec.label_history or spec.time_features)
+
+
+def check_keyed(spec: Any) -> None:
+    """Raises ValueError for inconsistent stateful settings of a ``features`` section."""
+    if spec.key == RECORD_TIME or spec.time == RECORD_KEY:
+        raise ValueError("features.key names the state key ('@key' or a field), features.time the "
+                         "event time ('@timestamp' or a field)")
+    if spec.key is not None and not is_stateful(spec):
+        raise ValueError("features.key is set but no stateful feature uses it: add windows, lags or "
+                         "label_history")
+    names = [w.name for w in spec.windows]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"windows repeat: {sorted(dup)} (merge their aggs into one window)")
+    if spec.state.store == "disk" and not is_stateful(spec):
+        raise ValueError("state.store: disk without stateful features")

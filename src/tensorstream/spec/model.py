@@ -8,15 +8,11 @@ from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, fi
     model_validator
 
 from tensorstream.spec.base import _Strict
-from tensorstream.spec.keyed import KeyedFeatureFields
-
-#: the stateful feature fields, dropped from a dump while they hold their defaults (so the
-#: spec hash of a spec without them, and so its checkpoints, stay what they were)
-_KEYED_DEFAULTS = {name: f.get_default(call_default_factory=True)
-                   for name, f in KeyedFeatureFields.model_fields.items()}
+from tensorstream.spec.keyed import KEYED_FIELDS, RECORD_TIME, KeyedStateSpec, WindowSpec, check_keyed, \
+    check_lags, check_name, is_stateful
 
 
-class FeatureSpec(KeyedFeatureFields):
+class FeatureSpec(_Strict):
     """Record fields -> one float32 feature vector.
 
     ``numeric: ["*"]`` takes every numeric (int/float/bool) top-level field of
@@ -27,8 +23,8 @@ class FeatureSpec(KeyedFeatureFields):
     contain dots keep working). A path that does not resolve is a missing field.
 
     Stateful features (``key``, ``time``, ``windows``, ``lags``, ``label_history``,
-    ``time_features``, ``state``): :class:`~tensorstream.spec.keyed.KeyedFeatureFields`
-    and docs/features.md.
+    ``time_features``, ``state``): per-key history, checkpointed with the model;
+    :mod:`tensorstream.spec.keyed` and docs/features.md.
     """
 
     numeric: list[str] = Field(default_factory=list)
@@ -41,6 +37,38 @@ class FeatureSpec(KeyedFeatureFields):
     hash_buckets: int = Field(default=32, ge=1, le=1_000_000)
     #: running standardisation of numeric fields (state checkpointed with the model)
     standardize: bool = True
+    #: the state key of stateful features: a field (dotted path) or ``"@key"`` (the Kafka record
+    #: key); unset: one state for the whole stream (lags and label history per stream)
+    key: str | None = None
+    #: event time: ``"@timestamp"`` (the record's Kafka timestamp) or a field of epoch time
+    time: str = RECORD_TIME
+    #: the unit of a ``time`` field: milliseconds or seconds
+    time_unit: Literal["ms", "s"] = "ms"
+    #: aggregates over event-time windows, per key (docs/features.md)
+    windows: list[WindowSpec] = Field(default_factory=list)
+    #: field -> how many previous values of it (per key) become features
+    lags: dict[str, int] = Field(default_factory=dict)
+    #: the previous k labels of the key: only labels known before the record (needs ``label``)
+    label_history: int = Field(default=0, ge=0, le=1000)
+    #: cyclic encodings (sin, cos) of the event time, in UTC
+    time_features: list[Literal["hour_of_day", "day_of_week"]] = Field(default_factory=list)
+    #: bounds (TTL, max keys), lateness and storage of the per-key state
+    state: KeyedStateSpec = Field(default_factory=KeyedStateSpec)
+
+    @field_validator("lags")
+    @classmethod
+    def _lags(cls, v: dict[str, int]) -> dict[str, int]:
+        return check_lags(v)
+
+    @field_validator("key", "time")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return check_name(v)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether any stateful feature (windows, lags, label history, time features) is configured."""
+        return is_stateful(self)
 
     @model_validator(mode="after")
     def _some_features(self) -> FeatureSpec:
@@ -49,17 +77,22 @@ class FeatureSpec(KeyedFeatureFields):
         if not self.numeric and not self.categorical and not self.stateful:
             raise ValueError("at least one of 'numeric', 'categorical', 'windows', 'lags', 'label_history' "
                              "or 'time_features' must be given")
-        self.check_keyed()
+        check_keyed(self)
         return self
 
     @model_serializer(mode="wrap")
     def _drop_default_keyed(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        """The stateful fields are left out of a dump while they hold their defaults: the spec
+        hash of a spec without them (and so its checkpoints) stays what it was."""
         data = handler(self)
         for name, default in _KEYED_DEFAULTS.items():
             value = getattr(self, name)
             if name in data and (value == default or (hasattr(value, "model_dump") and value == type(value)())):
                 del data[name]
         return data
+
+
+_KEYED_DEFAULTS = {name: FeatureSpec.model_fields[name].get_default(call_default_factory=True) for name in KEYED_FIELDS}
 
 
 class LabelSpec(_Strict):

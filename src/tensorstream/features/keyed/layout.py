@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from tensorstream.spec.keyed import NUMERIC_AGGS, KeyedFeatureFields, WindowSpec
+from tensorstream.spec.keyed import NUMERIC_AGGS, WindowSpec
 
 EMPTY = np.iinfo(np.int64).min  # an empty bucket's id, an empty event's time
 
@@ -49,7 +50,7 @@ class BucketLayout:
         return bool({"sum", "mean", "std"} & set(self.window.aggs))
 
 
-def value_fields(spec: KeyedFeatureFields) -> tuple[list[str], list[str]]:
+def value_fields(spec: Any) -> tuple[list[str], list[str]]:
     """``(numeric fields, hashed fields)`` the stateful features read from records, in spec order."""
     numeric: dict[str, None] = {}
     hashed: dict[str, None] = {}
@@ -65,7 +66,7 @@ def value_fields(spec: KeyedFeatureFields) -> tuple[list[str], list[str]]:
     return list(numeric), list(hashed)
 
 
-def sliding_fields(spec: KeyedFeatureFields) -> tuple[list[str], list[str]]:
+def sliding_fields(spec: Any) -> tuple[list[str], list[str]]:
     """``(fields whose values, fields whose hashes)`` the sliding-window event ring keeps."""
     vals: dict[str, None] = {}
     hashes: dict[str, None] = {}
@@ -78,7 +79,7 @@ def sliding_fields(spec: KeyedFeatureFields) -> tuple[list[str], list[str]]:
     return list(vals), list(hashes)
 
 
-def bucket_layouts(spec: KeyedFeatureFields) -> list[BucketLayout]:
+def bucket_layouts(spec: Any) -> list[BucketLayout]:
     out = []
     for i, w in enumerate(spec.windows):
         if w.type == "sliding":
@@ -88,7 +89,7 @@ def bucket_layouts(spec: KeyedFeatureFields) -> list[BucketLayout]:
     return out
 
 
-def row_dtype(spec: KeyedFeatureFields) -> np.dtype:
+def row_dtype(spec: Any) -> np.dtype:
     """The structured dtype of one key's state (see the module docstring)."""
     fields: list[tuple] = [("seen", np.int64), ("acc", np.int64)]
     for f, k in spec.lags.items():

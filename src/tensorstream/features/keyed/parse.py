@@ -16,7 +16,7 @@ import numpy as np
 from tensorstream.features.columns import MISSING, FieldPath, all_dicts, category_columns, numeric_columns
 from tensorstream.features.keyed.hll import value_hashes
 from tensorstream.features.records import BadRecord, FieldError, category_key, number
-from tensorstream.spec.keyed import RECORD_KEY, RECORD_TIME, KeyedFeatureFields
+from tensorstream.spec.keyed import RECORD_KEY, RECORD_TIME
 
 #: the key of the single state when features.key is not set
 STREAM_KEY = b""
@@ -50,7 +50,7 @@ def _fail(bad: dict[int, BadRecord], i: int, err: FieldError) -> None:
     bad.setdefault(i, err.bad(i))
 
 
-def parse_keyed(spec: KeyedFeatureFields, numeric: list[str], hashed: list[str], records: Sequence[Any],
+def parse_keyed(spec: Any, numeric: list[str], hashed: list[str], records: Sequence[Any],
                 record_keys: Sequence[Any] | None, timestamps: Sequence[Any] | None,
                 ) -> tuple[KeyedRows, np.ndarray, list[BadRecord]]:
     """``(rows for every record, ok mask, bad records)``: rows of bad records hold placeholders."""
