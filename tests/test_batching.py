@@ -52,6 +52,14 @@ def test_a_partial_batch_waits_at_most_max_wait_not_for_a_full_batch():
     assert all(t <= 0.02 for _, t in src.calls[1:]), src.calls
 
 
+def test_an_adaptive_batch_closes_when_nothing_more_is_buffered():
+    src = FakeSource(queued=5, arrivals=[3, 3, 3])
+    assert next_batch(src, 32, 0.5, adaptive=True) == list(range(5))  # not the 3 that arrive later
+    assert src.calls == [(32, 0)]
+    src = FakeSource(queued=100)
+    assert next_batch(src, 32, 0.5, adaptive=True) == list(range(32))  # under load: full batches
+
+
 def test_an_idle_source_returns_the_first_record_as_soon_as_it_comes():
     src = FakeSource(queued=0, arrivals=[1])
     batch = next_batch(src, 32, 0.0)  # max_wait 0: no top-up wait at all

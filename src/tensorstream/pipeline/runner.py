@@ -265,7 +265,7 @@ class Pipeline:
         stopped = lambda: self.control.stopping  # noqa: E731
         if self.batcher is not None:
             return self.batcher.next_batch(size, wait, stopped)
-        return next_batch(self.source, size, wait, stopped)
+        return next_batch(self.source, size, wait, stopped, adaptive=self.spec.batch.adaptive)
 
     def processed(self) -> int:
         return self.counters.records
