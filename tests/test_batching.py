@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from tensorstream.kafka import KafkaConfig
@@ -99,3 +100,17 @@ def test_batch_histogram_exposes_what_a_prometheus_histogram_would():
     assert got.keys() == want.keys()
     for k, v in want.items():
         assert abs(got[k] - v) <= 1e-9 * max(1.0, abs(v)), (k, got[k], v)
+
+
+def test_batch_histogram_one_at_a_time_equals_many_at_once():
+    values = [0.0, 0.001, 0.0025, 0.004, 10.0, 1e6, 0.05]  # bucket bounds included
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = BatchHistogram("h_seconds", "d", ("pipeline",), ("p",), LATENCY_BUCKETS, one)
+    h2 = BatchHistogram("h_seconds", "d", ("pipeline",), ("p",), LATENCY_BUCKETS, many)
+    for v in values:
+        h1.observe_one(v)
+    h2.observe_many(np.array(values))
+    for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
+        labels = {"pipeline": "p", "le": le}
+        assert one.get_sample_value("h_seconds_bucket", labels) == many.get_sample_value("h_seconds_bucket", labels)
+    assert one.get_sample_value("h_seconds_sum", {"pipeline": "p"}) == pytest.approx(sum(values))
