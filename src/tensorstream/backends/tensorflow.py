@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
-# Quieter TensorFlow, and Keras 3 on TensorFlow; both only if the user chose nothing.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from tensorstream.backends.frameworks import quiet_framework_import
+
+with quiet_framework_import():  # Keras 3 on TensorFlow, without TensorFlow's start-up lines on stderr
+    import keras
+    import tensorflow as tf
 
 from tensorstream.backends import init as common  # noqa: E402
 from tensorstream.backends.base import MAX_GRAD, SequentialResult  # noqa: E402

@@ -70,7 +70,6 @@ def _worker(spec_json: bytes, bootstrap: str, key: str, q: Any,
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tensorstream.pipeline import Pipeline
 
     spec = PipelineSpec.model_validate_json(spec_json)
