@@ -1,7 +1,9 @@
 """Framework backends behind one protocol: numpy arrays in, numpy arrays out.
 
 Importing this package imports neither torch nor tensorflow; ``make_backend``
-imports only the framework it is asked for.
+imports only the framework it is asked for. User models (``model.kind:
+"pkg.module:factory"``) are found and checked by :mod:`~tensorstream.backends.check`
+(``check_model(spec)`` before the first record; docs/custom-models.md).
 
 State names (``get_state``), shared by both frameworks for the built-in models:
 
@@ -23,8 +25,9 @@ from __future__ import annotations
 import importlib
 
 from tensorstream.backends.base import Backend
+from tensorstream.backends.check import ModelCheckError, check_model
 
-__all__ = ["BACKENDS", "Backend", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "ModelCheckError", "check_model", "make_backend"]
 
 # name -> (module, class, the top-level packages it needs, the pip extra providing them)
 _REGISTRY = {
