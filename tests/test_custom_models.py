@@ -3,6 +3,7 @@ mistake stops ``run`` before it connects, in seconds, with one sentence naming `
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import re
@@ -208,3 +209,12 @@ def test_the_current_directory_is_searched_after_the_installed_packages(tmp_path
     (tmp_path / "json.py").write_text("make = None\n")  # never shadows the standard library's json
     with pytest.raises(ImportError, match="has no attribute 'make'"):
         load_factory("json:make")
+
+
+def test_doctests():
+    import tensorstream
+    import tensorstream.backends.check
+    import tensorstream.backends.frameworks
+
+    for module in (tensorstream, tensorstream.backends.check, tensorstream.backends.frameworks):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__

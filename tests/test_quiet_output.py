@@ -36,6 +36,14 @@ def test_importing_tensorflow_through_tensorstream_prints_nothing():
         pytest.skip("this TensorFlow build prints nothing at import: nothing to silence")
 
 
+def test_verbose_text_logs_ask_for_the_framework_logs_and_json_logs_never_do():
+    code = ("import os\nfrom tensorstream.cli.common import setup_logging\nsetup_logging({args})\n"
+            "print(os.environ.get('TENSORSTREAM_FRAMEWORK_LOGS'))")
+    assert _python(code.format(args="True")).stdout.strip() == "1"  # inherited by child processes too
+    assert _python(code.format(args="True, 'json'")).stdout.strip() == "None"
+    assert _python(code.format(args="False")).stdout.strip() == "None"
+
+
 def test_what_a_failing_import_said_is_not_lost():
     body = ("import os\nfrom tensorstream.backends.frameworks import quiet_framework_import\n"
             "with quiet_framework_import():\n    os.write(2, b'absl noise\\n')\n{after}")

@@ -6,12 +6,12 @@ one pipeline spec for either framework. See the README for the concepts.
 The names a program needs are here; each loads its module on first use, so
 ``import tensorstream`` imports neither torch, tensorflow nor the Kafka client:
 
->>> import sys, tensorstream
+>>> import tensorstream
 >>> spec = tensorstream.PipelineSpec.model_validate({
 ...     "source": {"topic": "phishing"}, "sink": {"topic": "phishing.predictions"},
 ...     "features": {"numeric": ["*"]}, "label": {"field": "y", "classes": [False, True]}})
->>> spec.backend, spec.mode, "torch" in sys.modules and "tensorflow" in sys.modules
-('torch', 'train+infer', False)
+>>> spec.backend, spec.mode
+('torch', 'train+infer')
 
 - specs: :class:`PipelineSpec`, :func:`parse_spec` (a dict), :func:`load_spec` (YAML), :class:`SpecError`;
 - running: :class:`Pipeline` (``Pipeline(spec, kafka).run(until_end=True)`` -> :class:`RunResult`),
