@@ -20,7 +20,7 @@ from tensorstream.backends import ModelCheckError, check_model
 from tensorstream.backends.check import load_factory
 from tensorstream.cli import app
 from tensorstream.data.produce import produce_records
-from tensorstream.spec import parse_spec
+from tensorstream.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "custom-models.md"
@@ -218,3 +218,13 @@ def test_doctests():
 
     for module in (tensorstream, tensorstream.backends.check, tensorstream.backends.frameworks):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
+
+
+def test_a_framework_that_is_not_installed_is_one_sentence(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real(name, *a))
+    with pytest.raises(SpecError, match=r"^backend 'tensorflow' needs 'tensorflow', which is not installed: "
+                                        r"pip install 'tensorstream\[tensorflow\]'$"):
+        check_model(_spec("mlp", backend="tensorflow"))  # a built-in model too: nothing is imported to tell

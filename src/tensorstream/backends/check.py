@@ -215,13 +215,16 @@ def check_model(spec: PipelineSpec) -> list[str]:
 
     Raises :class:`ModelCheckError` (a :class:`~tensorstream.spec.SpecError`) for a
     factory that cannot be imported or called, returns the wrong type, the wrong
-    output width or probabilities instead of logits. Built-in models (``linear``,
-    ``mlp``) need no check and import no framework. Imports the spec's framework
-    (the run needs it anyway).
+    output width or probabilities instead of logits, and a ``SpecError`` when the
+    spec's framework is not installed. Built-in models (``linear``, ``mlp``) need no
+    more and import no framework; a user model imports it (the run needs it anyway).
     """
+    from tensorstream.backends import make_backend, missing_framework
+
+    if (missing := missing_framework(spec.backend)) is not None:  # found without importing it
+        raise SpecError(missing)
     if spec.model.kind in ("linear", "mlp"):
         return []
-    from tensorstream.backends import make_backend
 
     width, known = feature_width(spec)
     backend = make_backend(spec.backend)  # the framework's import errors name the missing extra
