@@ -126,6 +126,9 @@ def summary(out: Path, command: str) -> dict[str, Any]:
         res["inference"] = {r["backend"]: r["pipe_over_learner"] for r in inf["throughput"]}
         details["inference"] = {r["backend"]: {k: r[k] for k in ("pipe_over_learner_cpu", "pipeline", "learner")}
                                 for r in inf["throughput"]}
+        if inf.get("p50_over_echo"):  # {backend: {rate: pipeline p50 / bare echo p50}}
+            res["open_loop"] = {b: v.get("500") for b, v in inf["p50_over_echo"].items()}
+            details["open_loop"] = inf["p50_over_echo"]
     if peers:
         res["peers"], details["peers"] = {}, {}
         for stream, rows in peers["streams"].items():
@@ -195,6 +198,15 @@ def render(out: Path, command: str) -> str:
                    if load == 0.5 else "–")
             lines.append(f"| inference latency, open loop, {what} | scheduled send → prediction received "
                          f"(fetch.wait.max.ms {inf.get('fetch_wait_ms', '?')}) | {cells[0]} | {cells[1]} | {tgt} |")
+    if inf and inf.get("p50_over_echo"):
+        r500 = {b: v.get("500") for b, v in inf["p50_over_echo"].items()}
+        echo = next((x for x in inf["latency"].get("echo", []) if round(x["rate"]) == 500), {})
+        target = inf.get("target_echo_ratio", 1.2)
+        ok = all(v is not None and v <= target for v in r500.values())
+        lines.append(f"| inference latency, open loop, 500 rec/s | pipeline p50 / bare confluent-kafka echo p50 "
+                     f"({_f(echo.get('p50'), '{:,.1f}')} ms) | "
+                     + " | ".join("–" if r500.get(b) is None else f"{r500[b]:.2f}×" for b in ("torch", "tensorflow"))
+                     + f" | ≤ {target}× {_ok('met' if ok else 'MISSED')} |")
     if peers:
         for stream, rows in peers["streams"].items():
             cells, ok, dr_acc = [], True, None

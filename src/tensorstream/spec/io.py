@@ -108,6 +108,11 @@ class SinkSpec(_Strict):
     subject: str | None = None
     #: the registry of ``format: avro-registry``
     schema_registry: SchemaRegistrySpec | None = None
+    #: headers on each prediction (the value always carries the model version and the source
+    #: position): ``version`` = ``model.version``; ``all`` adds ``source.topic``,
+    #: ``source.partition``, ``source.offset``, ``event.timestamp.ms``; ``none``. Each header
+    #: costs per record: five of them doubled the time to produce a prediction (pipeline/outputs.py)
+    headers: Literal["version", "all", "none"] = "version"
 
     @model_validator(mode="after")
     def _avro_needs(self) -> SinkSpec:

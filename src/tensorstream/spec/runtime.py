@@ -10,13 +10,22 @@ from tensorstream.spec.base import _Strict
 
 
 class BatchSpec(_Strict):
-    """Micro-batching: a batch closes at max_size records or after max_wait_ms."""
+    """Micro-batching: a batch closes at ``max_size`` records, or when nothing more is buffered
+    (``adaptive``), or ``max_wait_ms`` after its first record.
+
+    Adaptive (default): the loop only gathers a batch when the model is idle, so a batch is
+    what arrived meanwhile: one record at a time at low load (latency close to the broker's),
+    full batches under load (throughput). With per-record learning (``learn.learning``) the
+    batch size never changes what is learned. ``adaptive: false`` waits up to ``max_wait_ms``
+    for a batch to fill: reproducible mini-batches for ``learn.learning: mini_batch``.
+    """
 
     #: records per batch at most (a larger batch is faster; with ``learn.learning: per_record``
     #: it learns the same)
     max_size: int = Field(default=32, ge=1, le=65_536)
     #: a batch closes this long after its first record at the latest
     max_wait_ms: float = Field(default=20.0, ge=0, le=60_000)
+    adaptive: bool = True
 
 
 class CheckpointSpec(_Strict):
