@@ -9,9 +9,9 @@ description, taken from the ``#:`` comment lines above the field in the source
 
 ``tests/test_spec_reference.py`` fails while the committed file differs.
 
->>> from tensorstream.spec import BatchSpec
->>> [f.name for f in fields_of(BatchSpec)]
-['max_size', 'max_wait_ms']
+>>> from tensorstream.spec import BatchSpec, BoostSpec
+>>> [(f.name, f.doc[:24]) for f in fields_of(BoostSpec)]
+[('factor', 'the learning rate right '), ('records', 'learned records over whi')]
 >>> type_text(BatchSpec.model_fields["max_size"])
 'integer, ≥ 1, ≤ 65,536'
 """

@@ -25,6 +25,8 @@ class BatchSpec(_Strict):
     max_size: int = Field(default=32, ge=1, le=65_536)
     #: a batch closes this long after its first record at the latest
     max_wait_ms: float = Field(default=20.0, ge=0, le=60_000)
+    #: a batch is what arrived while the model worked (see above); ``false``: wait up to
+    #: ``max_wait_ms`` for ``max_size`` records
     adaptive: bool = True
 
 
