@@ -104,3 +104,24 @@ def test_the_demo_table_on_a_terminal_keeps_its_title_and_note():
     print_summary(RESULTS, Console(file=buf, width=200, force_terminal=True, color_system=None))
     text = buf.getvalue()
     assert SUMMARY_TITLE in text and "p50/p99: per-record latency" in text
+
+
+def test_produce_progress_is_chatter_not_results(broker, topic_factory, tmp_path):
+    from typer.testing import CliRunner
+
+    from tensorstream.cli import app
+
+    topic = topic_factory(1, prefix="producejson")
+    base = example_spec("phishing.yaml")
+    spec = base.model_copy(update={"name": f"producejson-{topic[-6:]}", "state_dir": str(tmp_path / "state"),
+                                   "source": base.source.model_copy(update={"topic": topic}),
+                                   "sink": base.sink.model_copy(update={"topic": topic + ".pred"})})
+    path = write_spec(spec, tmp_path / "spec.yaml")
+    res = CliRunner().invoke(app, ["run", str(path), "-b", broker.bootstrap_servers, "--produce", "river:Phishing",
+                                   "--limit", "50", "--until-end", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["records"] == 50  # the progress bar went to stderr
+    res = CliRunner().invoke(app, ["--log-format", "json", "produce", "river:Phishing", "-t", topic, "--limit", "10",
+                                   "-b", broker.bootstrap_servers])
+    assert res.exit_code == 0, res.output
+    assert "━" not in res.output  # no progress bar with JSON logs

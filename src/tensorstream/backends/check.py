@@ -37,6 +37,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -117,7 +118,7 @@ def _import(kind: str, module_name: str) -> Any:
                                      "(put its .py file there, or install its package)") from err
         except Exception as err:  # a SyntaxError, NameError... at the top level of the user's module
             raise FactoryImportError(f"model.kind {kind!r}: cannot import module {module_name!r}: importing it "
-                                     f"raised {type(err).__name__}: {err}") from err
+                                     f"raised {type(err).__name__}: {one_line(err)}") from err
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -136,7 +137,25 @@ def call_factory(kind: str, n_features: int, n_outputs: int) -> Any:
         return factory(n_features=n_features, n_outputs=n_outputs)
     except Exception as err:
         raise ModelCheckError(f"model.kind {kind!r}: {attr}(n_features={n_features}, n_outputs={n_outputs}) "
-                              f"raised {type(err).__name__}: {err}", width_dependent=True) from err
+                              f"raised {type(err).__name__}: {one_line(err)}", width_dependent=True) from err
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line: Keras' call context and colour codes left out.
+
+    >>> one_line(ValueError("Exception encountered when calling Dense.call().\\n\\n\\x1b[1mbad width\\x1b[0m"
+    ...                     "\\n\\nArguments received by Dense.call():\\n  • inputs=..."))
+    'bad width'
+    """
+    parts = [" ".join(p.split()) for p in _ANSI.sub("", str(err)).split("\n\n")]
+    parts = [p for p in parts if p and not p.startswith("Arguments received by")]
+    if len(parts) > 1 and parts[0].startswith("Exception encountered when calling"):
+        parts = parts[1:]
+    text = " ".join(parts) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def check_batch_for(n_features: int, rows: int = CHECK_ROWS) -> np.ndarray:
@@ -147,7 +166,7 @@ def check_batch_for(n_features: int, rows: int = CHECK_ROWS) -> np.ndarray:
 def forward_failed(kind: str, x: np.ndarray, err: Exception) -> ModelCheckError:
     """The error for a model that raised on the check batch ``x``."""
     return ModelCheckError(f"model.kind {kind!r}: the model raised {type(err).__name__} on a batch of "
-                           f"{x.shape[0]} rows of {x.shape[1]} features: {err}", width_dependent=True)
+                           f"{x.shape[0]} rows of {x.shape[1]} features: {one_line(err)}", width_dependent=True)
 
 
 def check_outputs(kind: str, out: Any, x: np.ndarray, n_outputs: int, task: str, final: str | None) -> None:
