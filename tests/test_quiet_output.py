@@ -110,6 +110,7 @@ def test_produce_progress_is_chatter_not_results(broker, topic_factory, tmp_path
     from typer.testing import CliRunner
 
     from tensorstream.cli import app
+    from tensorstream.cli.common import setup_logging
 
     topic = topic_factory(1, prefix="producejson")
     base = example_spec("phishing.yaml")
@@ -121,7 +122,10 @@ def test_produce_progress_is_chatter_not_results(broker, topic_factory, tmp_path
                                    "--limit", "50", "--until-end", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["records"] == 50  # the progress bar went to stderr
-    res = CliRunner().invoke(app, ["--log-format", "json", "produce", "river:Phishing", "-t", topic, "--limit", "10",
-                                   "-b", broker.bootstrap_servers])
+    try:
+        res = CliRunner().invoke(app, ["--log-format", "json", "produce", "river:Phishing", "-t", topic, "--limit",
+                                       "10", "-b", broker.bootstrap_servers])
+    finally:
+        setup_logging(False)  # this process' logging as the other tests expect it
     assert res.exit_code == 0, res.output
     assert "━" not in res.output  # no progress bar with JSON logs
