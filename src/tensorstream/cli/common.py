@@ -137,6 +137,10 @@ def setup_logging(verbose: bool, log_format: str = "text", quiet: bool = False) 
 
     configure(verbose=verbose, fmt=log_format, quiet=quiet)
     console.quiet = not human_output()  # no rich progress or chatter; errors still go out (_fail)
+    if verbose and log_format == "text":  # TensorFlow's start-up lines, here and in child processes
+        from tensorstream.backends.frameworks import FRAMEWORK_LOGS_ENV
+
+        os.environ.setdefault(FRAMEWORK_LOGS_ENV, "1")
 
 
 

@@ -20,8 +20,13 @@ class BatchSpec(_Strict):
     for a batch to fill: reproducible mini-batches for ``learn.learning: mini_batch``.
     """
 
+    #: records per batch at most (a larger batch is faster; with ``learn.learning: per_record``
+    #: it learns the same)
     max_size: int = Field(default=32, ge=1, le=65_536)
+    #: a batch closes this long after its first record at the latest
     max_wait_ms: float = Field(default=20.0, ge=0, le=60_000)
+    #: a batch is what arrived while the model worked (see above); ``false``: wait up to
+    #: ``max_wait_ms`` for ``max_size`` records
     adaptive: bool = True
 
 
@@ -39,7 +44,9 @@ class CheckpointSpec(_Strict):
     #: A crash replays at most this much; each checkpoint writes, fsyncs and commits,
     #: which at 5,000 cost ~5 % of a 20,000 rec/s pipeline (benchmarks/bench_streaming_tax.py)
     every_records: int = Field(default=50_000, ge=1)
+    #: seconds between checkpoints (or ``every_records``, whichever comes first)
     every_seconds: float = Field(default=30.0, gt=0)
+    #: the newest good checkpoints kept after each save (promoted ones are kept too)
     keep_last: int = Field(default=5, ge=1)
 
 
@@ -89,6 +96,7 @@ class DistributedSpec(_Strict):
     rank: int | None = Field(default=None, ge=0)
     #: torch: rank 0's rendezvous address and port; unset: $MASTER_ADDR / $MASTER_PORT, else 127.0.0.1:29500
     master_addr: str | None = None
+    #: torch: rank 0's rendezvous port (see ``master_addr``)
     master_port: int | None = Field(default=None, ge=1, le=65_535)
     #: tensorflow: ``host:port`` of every rank's collective server, in rank order (TF_CONFIG's
     #: cluster); unset: $TF_CONFIG when set, else master_addr with ports master_port + rank
