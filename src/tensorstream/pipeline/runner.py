@@ -33,6 +33,7 @@ from typing import Any
 from confluent_kafka import KafkaException, TopicPartition
 
 from tensorstream.backends import make_backend
+from tensorstream.backends.check import check_model
 from tensorstream.checkpoint import CheckpointError, CheckpointStore, StateFileError, load_state, save_state
 from tensorstream.codecs import DecodeError, get_codec
 from tensorstream.delivery import BadRateGuard, DeadLetters, DeliveryEngine, RunControl
@@ -69,6 +70,7 @@ class Pipeline:
                  on_progress: Callable[[Progress], None] | None = None,
                  commit_interval_s: float = 0.5, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", control: RunControl | None = None):
+        check_model(spec)  # a user model factory: importable, callable, the right outputs (before anything else)
         self.spec = spec
         self.kafka = kafka
         self.on_progress = on_progress
