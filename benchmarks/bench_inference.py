@@ -50,6 +50,8 @@ TRAIN_RECORDS = 10_000
 LOADS = (0.25, 0.5, 0.9)
 TARGET_RATIO = 0.8
 TARGET_P99_MS = 10.0
+#: issue #14: the pipeline's open-loop p50 over a bare confluent-kafka echo's, at 500 rec/s
+TARGET_ECHO_RATIO = 1.2
 
 
 def _spec(backend: str, *, mode: str, topic: str, sink: str, batch: int, max_wait_ms: float,
@@ -126,10 +128,39 @@ def _cfg(bootstrap: str, fetch_wait_ms: int | None) -> Any:
     return KafkaConfig.local(bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=300, extra=extra)
 
 
+def serve_echo(bootstrap: str, topic: str, sink: str, fetch_wait_ms: int | None) -> None:
+    """The baseline of the open loop: a bare confluent-kafka echo (consume a record, produce it), with the
+    client settings the pipeline's consumer and producer use. Says ASSIGNED, runs until 5 s without records."""
+    from confluent_kafka import Consumer, Producer
+
+    cfg = _cfg(bootstrap, fetch_wait_ms)
+    c = Consumer({**cfg.consumer_settings(), "group.id": f"echo-{uuid.uuid4().hex[:6]}", "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest", "fetch.wait.max.ms": fetch_wait_ms if fetch_wait_ms is not None
+                  else 100})
+    p = Producer({"linger.ms": 5, **cfg.client_settings(), "delivery.report.only.error": True})
+    c.subscribe([topic], on_assign=lambda *_: print("ASSIGNED", flush=True))
+    n, last = 0, time.monotonic()
+    while time.monotonic() - last < 5:
+        m = c.poll(0.1)
+        if m is None or m.error() is not None:
+            p.poll(0)
+            continue
+        p.produce(sink, m.value(), m.key())
+        p.poll(0)
+        n, last = n + 1, time.monotonic()
+    p.flush(30)
+    c.close()
+    print(json.dumps({"records": n, "p50": None, "p99": None}), flush=True)
+
+
 def serve(backend: str, bootstrap: str, topic: str, sink: str, batch: int, max_wait_ms: float, state: str,
           fetch_wait_ms: int | None) -> None:
     """The pipeline under load (its own process): says ASSIGNED, runs until 5 s without records."""
     from tensorstream.bench.timed import TimedPipeline
+
+    if backend == "echo":
+        serve_echo(bootstrap, topic, sink, fetch_wait_ms)
+        return
 
     cfg = _cfg(bootstrap, fetch_wait_ms)
     spec = _spec(backend, mode="infer", topic=topic, sink=sink, batch=batch, max_wait_ms=max_wait_ms,
@@ -297,9 +328,19 @@ def main() -> None:
     payloads = [encode_json(r) for r in open_source(SOURCE, limit=5000)]
     thr: dict[str, Any] = {}
     lat: dict[str, list[dict[str, Any]]] = {}
+    fixed_rates = [float(r) for r in args.rates.split(",") if r.strip()]
     with EmbeddedBroker() as broker:
         cfg = KafkaConfig.local(broker.bootstrap_servers)
         produce_records(cfg, SOURCE, "inf-src", limit=args.records)
+        # the baseline: a bare confluent-kafka echo on the same broker, client settings and load
+        lat["echo"] = []
+        for rate in fixed_rates:
+            r = open_loop(broker.bootstrap_servers, "echo", rate, args.seconds, args.batch, args.max_wait_ms,
+                          "", payloads, args.fetch_wait_ms, broker.pid)
+            r["load"] = None
+            lat["echo"].append(r)
+            print(f"  bare echo at {rate:,.0f} rec/s: p50 {r.get('p50', float('nan')):.2f} ms, "
+                  f"p99 {r.get('p99', float('nan')):.2f} ms", flush=True)
         for backend in args.backends.split(","):
             state = str(work / f"{backend}.safetensors")
             cmd = [sys.executable, __file__, "--child", backend, "--bootstrap", broker.bootstrap_servers,
@@ -312,7 +353,7 @@ def main() -> None:
             max_rate = statistics.median(r[0] for r in thr[backend]["pipeline"])
             lat[backend] = []
             levels = [(load, max_rate * load) for load in LOADS]
-            levels += [(None, float(r)) for r in args.rates.split(",") if r.strip()]
+            levels += [(None, r) for r in fixed_rates]
             for load, rate in levels:
                 r = open_loop(broker.bootstrap_servers, backend, rate, args.seconds, args.batch,
                               args.max_wait_ms, state, payloads, args.fetch_wait_ms, broker.pid)
@@ -348,11 +389,25 @@ def main() -> None:
             print(f"{backend:<11}{load:>6}{r['rate']:>9,.0f}{r['sent']:>8,}{r['received']:>8,}"
                   + "".join(f"{r.get(k, float('nan')):>8.2f}" for k in ("p50", "p90", "p99", "p999"))
                   + f"{r.get('max', float('nan')):>9.1f}{r['generator_max_behind_ms']:>10.1f}  {ok}")
+    # pipeline p50 over the bare echo's p50 at the same fixed rate (issue #14: <= 1.2 at 500 rec/s)
+    echo_p50 = {r["rate"]: r.get("p50") for r in lat["echo"]}
+    over_echo: dict[str, dict[str, float | None]] = {}
+    for backend, levels in lat.items():
+        if backend == "echo":
+            continue
+        for r in levels:
+            if r["load"] is None and echo_p50.get(r["rate"]) and r.get("p50") is not None:
+                over_echo.setdefault(backend, {})[f"{r['rate']:g}"] = r["p50"] / echo_p50[r["rate"]]
+    for backend, ratios in over_echo.items():
+        print(f"open loop p50 / bare echo p50: {backend} " + ", ".join(f"{v:.2f} at {k} rec/s"
+                                                                       for k, v in ratios.items())
+              + f" (target <= {TARGET_ECHO_RATIO} at 500 rec/s)")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "batch": args.batch, "max_wait_ms": args.max_wait_ms,
                                          "fetch_wait_ms": args.fetch_wait_ms,
                                          "throughput": rows, "latency": lat, "target_ratio": TARGET_RATIO,
-                                         "target_p99_ms": TARGET_P99_MS}, indent=2))
+                                         "target_p99_ms": TARGET_P99_MS, "p50_over_echo": over_echo,
+                                         "target_echo_ratio": TARGET_ECHO_RATIO}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Run every benchmark and regenerate the README's results table.
+"""Run every benchmark; regenerate the README's block of targets and the tables in docs/benchmarks.md.
 
     python benchmarks/run_all.py                     # run all (about 30-40 min on 2 cores), rewrite README
     python benchmarks/run_all.py --quick             # smaller runs (a few minutes), same table
@@ -7,11 +7,11 @@
     python benchmarks/run_all.py --only tax,inference,peers --quick --json FILE   # + the figures as JSON
 
 Each benchmark writes JSON to ``--out`` (default ``reports/benchmarks-<date>/``)
-and prints its own table there (``*.txt``). The README block between
-``<!-- results:begin -->`` and ``<!-- results:end -->`` (added at the end of the
-"Results" section on the first run) is replaced with the headline figures, the
-machine (``nproc``, CPU model from /proc/cpuinfo, memory), the date and the
-command.
+and prints its own table there (``*.txt``). The block between
+``<!-- results:begin -->`` and ``<!-- results:end -->`` of README.md gets one row
+per target (from the ``--json`` figures); the same block of docs/benchmarks.md
+gets the full tables; both name the machine (``nproc``, CPU model from
+/proc/cpuinfo, memory), the date and the command.
 
 ``--json FILE`` also writes the target figures, each a ratio measured within
 one run: ``{"tax": {backend: {batch: pipeline / in-memory learner}},
@@ -126,6 +126,9 @@ def summary(out: Path, command: str) -> dict[str, Any]:
         res["inference"] = {r["backend"]: r["pipe_over_learner"] for r in inf["throughput"]}
         details["inference"] = {r["backend"]: {k: r[k] for k in ("pipe_over_learner_cpu", "pipeline", "learner")}
                                 for r in inf["throughput"]}
+        if inf.get("p50_over_echo"):  # {backend: {rate: pipeline p50 / bare echo p50}}
+            res["open_loop"] = {b: v.get("500") for b, v in inf["p50_over_echo"].items()}
+            details["open_loop"] = inf["p50_over_echo"]
     if peers:
         res["peers"], details["peers"] = {}, {}
         for stream, rows in peers["streams"].items():
@@ -195,6 +198,15 @@ def render(out: Path, command: str) -> str:
                    if load == 0.5 else "–")
             lines.append(f"| inference latency, open loop, {what} | scheduled send → prediction received "
                          f"(fetch.wait.max.ms {inf.get('fetch_wait_ms', '?')}) | {cells[0]} | {cells[1]} | {tgt} |")
+    if inf and inf.get("p50_over_echo"):
+        r500 = {b: v.get("500") for b, v in inf["p50_over_echo"].items()}
+        echo = next((x for x in inf["latency"].get("echo", []) if round(x["rate"]) == 500), {})
+        target = inf.get("target_echo_ratio", 1.2)
+        ok = all(v is not None and v <= target for v in r500.values())
+        lines.append(f"| inference latency, open loop, 500 rec/s | pipeline p50 / bare confluent-kafka echo p50 "
+                     f"({_f(echo.get('p50'), '{:,.1f}')} ms) | "
+                     + " | ".join("–" if r500.get(b) is None else f"{r500[b]:.2f}×" for b in ("torch", "tensorflow"))
+                     + f" | ≤ {target}× {_ok('met' if ok else 'MISSED')} |")
     if peers:
         for stream, rows in peers["streams"].items():
             cells, ok, dr_acc = [], True, None
@@ -274,6 +286,50 @@ def render(out: Path, command: str) -> str:
     return "\n".join(lines)
 
 
+def render_summary(figures: dict[str, Any], out: Path) -> str:
+    """The README's short block: one row per target, from :func:`summary`'s figures."""
+    from tensorstream.bench.machine import describe
+
+    d = figures.get("details", {})
+    tgt = {"tax": 0.9, "learner": 0.6, "inference": 0.8, "open_loop": 1.2, "peers": PEERS_TARGET}
+
+    def cells(values: dict[str, Any], fmt: str = "{:.2f}×") -> list[str]:
+        return ["–" if values.get(b) is None else fmt.format(values[b]) for b in ("torch", "tensorflow")]
+
+    def verdict(values: dict[str, Any], target: float, below: bool = False) -> str:
+        vals = [v for v in values.values() if v is not None]
+        if not vals:
+            return "–"
+        ok = len(vals) == len(values) and all(v <= target if below else v >= target for v in vals)
+        return f"{'≤' if below else '≥'} {target:g}× {_ok('met' if ok else 'MISSED')}"
+
+    rows = []
+    for batch in ("1", "32", "256"):
+        by = {b: v.get(batch) for b, v in figures.get("tax", {}).items()}
+        if any(v is not None for v in by.values()):
+            rows.append((f"training pipeline / in-memory learner, batch {batch}", cells(by), verdict(by, tgt["tax"])))
+    lr = {b: (v.get("32") or {}).get("learner_over_raw") for b, v in d.get("tax", {}).items()}
+    if any(v is not None for v in lr.values()):
+        rows.append(("in-memory learner / raw framework call, batch 32", cells(lr), verdict(lr, tgt["learner"])))
+    if figures.get("inference"):
+        rows.append(("inference pipeline / in-memory predict, batch 32", cells(figures["inference"]),
+                     verdict(figures["inference"], tgt["inference"])))
+    if figures.get("open_loop"):
+        rows.append(("open-loop p50 at 500 rec/s / a bare confluent-kafka echo's", cells(figures["open_loop"]),
+                     verdict(figures["open_loop"], tgt["open_loop"], below=True)))
+    for stream, by in figures.get("peers", {}).items():
+        rows.append((f"peers, {stream}: records/s over deep-river's at ≥ its accuracy", cells(by, "{:.1f}×"),
+                     verdict(by, tgt["peers"])))
+    raw = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    lines = [BEGIN, "", f"Machine: {describe(d['machine'])}, {d.get('date', '')}. Command: `{d.get('command', '')}` "
+             f"(JSON in `{raw}/`). Every figure is a ratio of two rates measured in the same run; the full tables "
+             "and the method: [docs/benchmarks.md](docs/benchmarks.md).", "",
+             "| target | torch | tensorflow | target |", "|---|---:|---:|---|"]
+    lines += [f"| {name} | {c[0]} | {c[1]} | {v} |" for name, c, v in rows]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
 def update_readme(readme: Path, block: str) -> None:
     text = readme.read_text()
     if BEGIN in text and END in text:
@@ -297,8 +353,9 @@ def main() -> None:
     ap.add_argument("--only", help=f"comma-separated subset of {', '.join(BENCHES)}")
     ap.add_argument("--out", type=Path, help="results directory (default reports/benchmarks-<date>)")
     ap.add_argument("--from", dest="from_dir", type=Path, help="do not run: render the table from this directory")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    ap.add_argument("--no-readme", action="store_true", help="print the table, leave README.md alone")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help="gets the short block of targets")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md", help="gets the full tables")
+    ap.add_argument("--no-readme", action="store_true", help="print the tables, leave README.md and the docs alone")
     ap.add_argument("--command", help="the command to credit in the table (a directory assembled from several runs)")
     ap.add_argument("--json", type=Path, help="also write the target figures here (see the module docstring)")
     args = ap.parse_args()
@@ -312,15 +369,18 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown benchmark(s) {unknown}: choose from {', '.join(BENCHES)}")
         run(names, out, args.quick, {})
+    command_line = args.command or "python benchmarks/run_all.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    figures = summary(out, command_line)
     if args.json:
-        command_line = "python benchmarks/run_all.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        args.json.write_text(json.dumps(summary(out, command_line), indent=2))
+        args.json.write_text(json.dumps(figures, indent=2))
         print(f"\nfigures written to {args.json}")
     block = render(out, command)
-    print("\n" + block)
+    short = render_summary(figures, out)
+    print("\n" + block + "\n\n" + short)
     if not args.no_readme:
-        update_readme(args.readme, block)
-        print(f"\n{args.readme} updated")
+        update_readme(args.docs, block)
+        update_readme(args.readme, short)
+        print(f"\n{args.docs} and {args.readme} updated")
 
 
 if __name__ == "__main__":

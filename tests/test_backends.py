@@ -234,7 +234,8 @@ def test_factory_for_the_other_framework_is_a_type_error():
         built("tensorflow", kind=FACTORIES["torch"])
     with pytest.raises(TypeError, match=r"must return a torch.nn.Module, got Sequential"):
         built("torch", kind=FACTORIES["tensorflow"])
-    with pytest.raises(ValueError, match=r"output shape \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"output has shape \(16, 4\) for a batch of 16 rows of 5 features, "
+                                         r"expected \(16, 3\)"):
         built("torch", kind="tests.fixtures_models:make_wrong_width")
 
 

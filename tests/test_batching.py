@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from tensorstream.kafka import KafkaConfig
@@ -52,6 +53,14 @@ def test_a_partial_batch_waits_at_most_max_wait_not_for_a_full_batch():
     assert all(t <= 0.02 for _, t in src.calls[1:]), src.calls
 
 
+def test_an_adaptive_batch_closes_when_nothing_more_is_buffered():
+    src = FakeSource(queued=5, arrivals=[3, 3, 3])
+    assert next_batch(src, 32, 0.5, adaptive=True) == list(range(5))  # not the 3 that arrive later
+    assert src.calls == [(32, 0)]
+    src = FakeSource(queued=100)
+    assert next_batch(src, 32, 0.5, adaptive=True) == list(range(32))  # under load: full batches
+
+
 def test_an_idle_source_returns_the_first_record_as_soon_as_it_comes():
     src = FakeSource(queued=0, arrivals=[1])
     batch = next_batch(src, 32, 0.0)  # max_wait 0: no top-up wait at all
@@ -91,3 +100,17 @@ def test_batch_histogram_exposes_what_a_prometheus_histogram_would():
     assert got.keys() == want.keys()
     for k, v in want.items():
         assert abs(got[k] - v) <= 1e-9 * max(1.0, abs(v)), (k, got[k], v)
+
+
+def test_batch_histogram_one_at_a_time_equals_many_at_once():
+    values = [0.0, 0.001, 0.0025, 0.004, 10.0, 1e6, 0.05]  # bucket bounds included
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = BatchHistogram("h_seconds", "d", ("pipeline",), ("p",), LATENCY_BUCKETS, one)
+    h2 = BatchHistogram("h_seconds", "d", ("pipeline",), ("p",), LATENCY_BUCKETS, many)
+    for v in values:
+        h1.observe_one(v)
+    h2.observe_many(np.array(values))
+    for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
+        labels = {"pipeline": "p", "le": le}
+        assert one.get_sample_value("h_seconds_bucket", labels) == many.get_sample_value("h_seconds_bucket", labels)
+    assert one.get_sample_value("h_seconds_sum", {"pipeline": "p"}) == pytest.approx(sum(values))

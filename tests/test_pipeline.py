@@ -63,6 +63,7 @@ def test_bananas_accuracy_through_the_pipeline(backend, kafka_config, topic_fact
 def test_every_record_gets_one_prediction_keyed_and_stamped(kafka_config, topic_factory, group_id):
     spec = _spec("phishing.yaml", "torch", topic_factory, batch=example_spec("phishing.yaml").batch.model_copy(
         update={"max_size": 16, "max_wait_ms": 5}))
+    spec = spec.model_copy(update={"sink": spec.sink.model_copy(update={"headers": "all"})})
     produce_records(kafka_config, "river:Phishing", spec.source.topic, limit=300, key_field="age_of_domain")
     with KafkaSink(kafka_config) as sink:  # plus some keys we can recognise
         for i in range(20):
@@ -93,6 +94,18 @@ def test_every_record_gets_one_prediction_keyed_and_stamped(kafka_config, topic_
         assert body["label"] in (True, False) and len(body["proba"]) == 2
         if body["source"]["offset"] >= 300:
             assert p.key == f"user-{body['source']['offset'] - 300}".encode()
+    # The same records with the default sink.headers (version): the value is unchanged, one header.
+    again = spec.model_copy(update={"name": spec.name + "-v", "sink": spec.sink.model_copy(
+        update={"topic": spec.sink.topic + "-v", "headers": "version"})})
+    Pipeline(again, kafka_config).run(until_end=True, timeout=120)
+    slim = {json.loads(p.value)["source"]["offset"]: p for p in _predictions(kafka_config, again.sink.topic, 320,
+                                                                                 group_id + "-v")}
+    assert len(slim) == 320
+    for p in preds:
+        body, other = json.loads(p.value), slim[json.loads(p.value)["source"]["offset"]]
+        assert [k for k, _ in other.headers] == ["model.version"]
+        assert json.loads(other.value)["source"] == body["source"] and other.key == p.key
+        assert other.timestamp_ms == p.timestamp_ms
     # Committed offsets cover everything that was predicted.
     with KafkaSource(kafka_config, spec.group_id, [spec.source.topic]) as src:
         assert src.committed([(spec.source.topic, 0)]) == {(spec.source.topic, 0): 320}

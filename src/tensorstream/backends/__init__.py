@@ -1,7 +1,9 @@
 """Framework backends behind one protocol: numpy arrays in, numpy arrays out.
 
 Importing this package imports neither torch nor tensorflow; ``make_backend``
-imports only the framework it is asked for.
+imports only the framework it is asked for. User models (``model.kind:
+"pkg.module:factory"``) are found and checked by :mod:`~tensorstream.backends.check`
+(``check_model(spec)`` before the first record; docs/custom-models.md).
 
 State names (``get_state``), shared by both frameworks for the built-in models:
 
@@ -21,10 +23,12 @@ ValueError: unknown backend 'jax': choose 'torch' or 'tensorflow'
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from tensorstream.backends.base import Backend
+from tensorstream.backends.check import ModelCheckError, check_model
 
-__all__ = ["BACKENDS", "Backend", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "ModelCheckError", "check_model", "make_backend", "missing_framework"]
 
 # name -> (module, class, the top-level packages it needs, the pip extra providing them)
 _REGISTRY = {
@@ -39,6 +43,19 @@ _REGISTRY.update({
     "tensorflow-multiworker": ("tensorstream.backends.tensorflow_multiworker", "TensorflowMultiWorkerBackend",
                                ("tensorflow", "keras"), "tensorflow"),
 })
+
+
+def missing_framework(name: str) -> str | None:
+    """One sentence if ``name``'s framework is not installed (looked up, not imported), else None.
+
+    >>> missing_framework("torch") is None
+    True
+    """
+    _, _, needs, extra = _REGISTRY[name]
+    absent = [n for n in needs if importlib.util.find_spec(n) is None]
+    if not absent:
+        return None
+    return f"backend {name!r} needs {absent[0]!r}, which is not installed: pip install 'tensorstream[{extra}]'"
 
 
 def make_backend(name: str) -> Backend:

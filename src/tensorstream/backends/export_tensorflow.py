@@ -13,19 +13,18 @@ Export snapshots the weights: the live model goes on learning untouched.
 
 from __future__ import annotations
 
-import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+from tensorstream.backends.frameworks import quiet_framework_import
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from keras import ops  # noqa: E402
+with quiet_framework_import():
+    import keras
+    import tensorflow as tf
+    from keras import ops
 
 from tensorstream.export import InferenceGraph  # noqa: E402
 

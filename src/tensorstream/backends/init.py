@@ -12,7 +12,6 @@ the same seed. Kernels are ``[in, out]`` (the Keras layout; torch transposes).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -60,18 +59,10 @@ def resolve_loss(model: ModelSpec, task: str, n_outputs: int) -> str:
 
 
 def load_factory(kind: str) -> Callable[..., Any]:
-    """Import ``package.module:factory`` (importlib only: a spec never runs code from a string)."""
-    module_name, _, attr = kind.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(f"model kind {kind!r}: cannot import module {module_name!r} ({err})") from err
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise ImportError(f"model kind {kind!r}: module {module_name!r} has no attribute {attr!r}")
-    if not callable(factory):
-        raise TypeError(f"model kind {kind!r}: {attr!r} is not callable")
-    return factory
+    """Import ``package.module:factory`` (see :func:`tensorstream.backends.check.load_factory`)."""
+    from tensorstream.backends.check import load_factory
+
+    return load_factory(kind)
 
 
 def check_batch(

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+from functools import partial
 
-# Quieter TensorFlow, and Keras 3 on TensorFlow; both only if the user chose nothing.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from tensorstream.backends.frameworks import quiet_framework_import
 
+with quiet_framework_import():  # Keras 3 on TensorFlow, without TensorFlow's start-up lines on stderr
+    import keras
+    import tensorflow as tf
+
+from tensorstream.backends import check  # noqa: E402
 from tensorstream.backends import init as common  # noqa: E402
 from tensorstream.backends.base import MAX_GRAD, SequentialResult  # noqa: E402
 from tensorstream.spec import ModelSpec  # noqa: E402
@@ -64,19 +65,50 @@ def _builtin(model: ModelSpec, n_features: int, n_outputs: int) -> tuple[keras.M
     return net, names  # Sequential's weights are [kernel0, bias0, kernel1, ...]
 
 
-def _user_model(model: ModelSpec, n_features: int, n_outputs: int) -> tuple[keras.Model, list[str]]:
+def _user_model(model: ModelSpec, n_features: int, n_outputs: int,
+                task: str = "classification") -> tuple[keras.Model, list[str]]:
+    """Call the user's factory and check the model on a batch (:mod:`tensorstream.backends.check`)."""
     # The user's initialisers and dropout draw from Keras' global seed (which also
     # seeds Python's and numpy's global generators: that is how Keras does it).
     keras.utils.set_random_seed(model.seed)
-    net = common.load_factory(model.kind)(n_features=n_features, n_outputs=n_outputs)
+    kind = model.kind
+    net = check.call_factory(kind, n_features, n_outputs)
     if not isinstance(net, keras.Model):
-        raise TypeError(f"model kind {model.kind!r} must return a keras.Model, got {type(net).__name__}")
-    out = net(np.zeros((2, n_features), np.float32), training=False)  # also builds subclassed models
-    if tuple(out.shape) != (2, n_outputs):
-        raise ValueError(f"model kind {model.kind!r}: output shape {tuple(out.shape)} for 2 rows, expected (2, {n_outputs})")
+        hint = " (a PyTorch module: use backend: torch)" if type(net).__module__.startswith("torch") else ""
+        raise check.FactoryTypeError(f"model.kind {kind!r} must return a keras.Model, got {type(net).__name__}{hint}")
+    x = check.check_batch_for(n_features)
+    try:
+        out = net(x, training=False)  # also builds subclassed models
+    except Exception as err:
+        raise check.forward_failed(kind, x, err) from err
+    check.check_outputs(kind, out, x, n_outputs, task, _final_activation(net))
     # Positional names: Keras layer names carry process-global counters
     # ("dense_7"), so paths would differ between two builds of the same model.
     return net, [f"{i}.{v.name}" for i, v in enumerate(net.weights)]
+
+
+def _output_layer(net: keras.Model) -> object | None:
+    """The layer producing a Sequential's or functional model's output (None for subclassed models)."""
+    if isinstance(net, keras.Sequential):
+        return net.layers[-1] if net.layers else None
+    outputs = getattr(net, "outputs", None)  # functional models only
+    if not outputs or len(outputs) != 1:
+        return None
+    history = getattr(outputs[0], "_keras_history", None)
+    return getattr(history, "operation", None)
+
+
+def _final_activation(net: keras.Model) -> str | None:
+    """The softmax / log-softmax / sigmoid a model's output layer applies (subclassed models: from outputs)."""
+    layer = _output_layer(net)
+    while isinstance(layer, keras.Model):  # a model nested as the last layer
+        layer = _output_layer(layer)
+    if isinstance(layer, keras.layers.Softmax):
+        return f"a Softmax layer ({layer.name})"
+    name = getattr(getattr(layer, "activation", None), "__name__", None)
+    if name in ("softmax", "log_softmax", "sigmoid"):
+        return f"activation='{name}' on its last layer ({layer.name})"  # type: ignore[union-attr]
+    return None
 
 
 class TensorflowBackend:
@@ -96,7 +128,7 @@ class TensorflowBackend:
                 tf.config.threading.set_inter_op_parallelism_threads(model.threads)
             except RuntimeError:
                 pass
-        builder = _builtin if common.is_builtin(model) else _user_model
+        builder = _builtin if common.is_builtin(model) else partial(_user_model, task=task)
         self._net, names = builder(model, n_features, n_outputs)
         self._weights = list(zip(names, self._net.weights))
         self._vars = self._net.trainable_variables
@@ -125,6 +157,11 @@ class TensorflowBackend:
         self._builtin = common.is_builtin(model)
         self._row_ok_fn = tf.function(self._row_ok, input_signature=[x_spec, y_spec], jit_compile=False)
         self._seq_cf = None  # traced (and XLA-compiled) at the first learn_sequential
+
+    @staticmethod
+    def check_user_model(model: ModelSpec, n_features: int, n_outputs: int, task: str) -> None:
+        """Build ``model.kind``'s model once and check it (before any record: ``check.check_model``)."""
+        _user_model(model, n_features, n_outputs, task)
 
     def framework_model(self) -> keras.Model:
         """The live ``keras.Model`` (logits; no softmax), for export."""

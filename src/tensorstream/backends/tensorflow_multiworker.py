@@ -28,11 +28,12 @@ import logging
 import math
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from tensorstream.backends.frameworks import quiet_framework_import
+
+with quiet_framework_import():
+    import tensorflow as tf
 
 from tensorstream.backends import init as common  # noqa: E402
 from tensorstream.backends.tensorflow import TensorflowBackend  # noqa: E402

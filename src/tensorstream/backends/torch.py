@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tensorstream.backends import check
 from tensorstream.backends import init as common
 from tensorstream.backends.base import MAX_GRAD, SequentialResult
 from tensorstream.backends.torch_steps import ADAM_EPSILON, FlatOptimizer, scripted_mlp_sequence
@@ -74,15 +75,32 @@ def _builtin(model: ModelSpec, n_features: int, n_outputs: int) -> tuple[nn.Modu
     return nn.Sequential(*layers), named
 
 
-def _user_model(kind: str, n_features: int, n_outputs: int) -> nn.Module:
-    module = common.load_factory(kind)(n_features=n_features, n_outputs=n_outputs)
+def _user_model(kind: str, n_features: int, n_outputs: int, task: str = "classification") -> nn.Module:
+    """Call the user's factory and check the module on a batch (:mod:`tensorstream.backends.check`)."""
+    module = check.call_factory(kind, n_features, n_outputs)
     if not isinstance(module, nn.Module):
-        raise TypeError(f"model kind {kind!r} must return a torch.nn.Module, got {type(module).__name__}")
-    with torch.inference_mode():
-        out = module.eval()(torch.zeros(2, n_features))
-    if tuple(out.shape) != (2, n_outputs):
-        raise ValueError(f"model kind {kind!r}: output shape {tuple(out.shape)} for 2 rows, expected (2, {n_outputs})")
+        hint = " (a Keras model: use backend: tensorflow)" if type(module).__module__.startswith("keras") else ""
+        raise check.FactoryTypeError(f"model.kind {kind!r} must return a torch.nn.Module, got "
+                                     f"{type(module).__name__}{hint}")
+    x = check.check_batch_for(n_features)
+    try:
+        with torch.inference_mode():
+            out = module.eval()(torch.from_numpy(x))
+    except Exception as err:
+        raise check.forward_failed(kind, x, err) from err
+    check.check_outputs(kind, out.numpy() if isinstance(out, torch.Tensor) else out, x, n_outputs, task,
+                        _final_activation(module))
     return module
+
+
+def _final_activation(module: nn.Module) -> str | None:
+    """The softmax / log-softmax / sigmoid an ``nn.Sequential`` ends in (custom modules: found from their outputs)."""
+    last = module
+    while isinstance(last, nn.Sequential) and len(last):
+        last = last[-1]
+    if isinstance(last, (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)):
+        return f"nn.{type(last).__name__}()"
+    return None
 
 
 def _to_numpy(t: torch.Tensor, transposed: bool) -> np.ndarray:
@@ -117,7 +135,7 @@ class TorchBackend:
             self._module, self._params = _builtin(model, n_features, n_outputs)
             self._builtin = True
         else:
-            self._module = _user_model(model.kind, n_features, n_outputs)
+            self._module = _user_model(model.kind, n_features, n_outputs, task)
             self._params = [(n, p, False) for n, p in self._module.named_parameters() if p.requires_grad]
             self._builtin = False
         self._submodules = list(self._module.modules())
@@ -129,6 +147,11 @@ class TorchBackend:
         # the flat buffers, so they stay valid as long as the optimizer does)
         lin = [t for _, t, _ in self._params]
         self._layers = (lin, [self._opt.grad[o:o + k].view_as(t) for (o, k), t in zip(self._opt.spans, lin, strict=True)])
+
+    @staticmethod
+    def check_user_model(model: ModelSpec, n_features: int, n_outputs: int, task: str) -> None:
+        """Build ``model.kind``'s module once and check it (before any record: ``check.check_model``)."""
+        _user_model(model.kind, n_features, n_outputs, task)
 
     def framework_model(self) -> nn.Module:
         """The live ``nn.Module`` (logits; no softmax), for export: copy it before changing its mode."""

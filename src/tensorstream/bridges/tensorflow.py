@@ -13,9 +13,13 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-import keras
 import numpy as np
-import tensorflow as tf
+
+from tensorstream.backends.frameworks import quiet_framework_import
+
+with quiet_framework_import():
+    import keras
+    import tensorflow as tf
 
 from tensorstream.bridges.common import (
     ArraySig,

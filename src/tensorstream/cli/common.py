@@ -137,6 +137,10 @@ def setup_logging(verbose: bool, log_format: str = "text", quiet: bool = False) 
 
     configure(verbose=verbose, fmt=log_format, quiet=quiet)
     console.quiet = not human_output()  # no rich progress or chatter; errors still go out (_fail)
+    if verbose and log_format == "text":  # TensorFlow's start-up lines, here and in child processes
+        from tensorstream.backends.frameworks import FRAMEWORK_LOGS_ENV
+
+        os.environ.setdefault(FRAMEWORK_LOGS_ENV, "1")
 
 
 
@@ -186,3 +190,15 @@ def stop_signals(control: Any, summary: Callable[[], str] = lambda: "") -> Itera
     finally:
         for sig, h in prev.items():
             signal.signal(sig, h)
+
+
+def load_spec_or_fail(spec_path: Path, state_dir: str | None = None, **overrides: Any) -> Any:
+    """The spec at ``spec_path`` (``overrides`` replace top-level keys, e.g. ``backend``), with ``state_dir``
+    if given; a spec that does not validate is one ``error:`` line and exit 2."""
+    from tensorstream.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(spec_path, **overrides)
+    except SpecError as e:
+        fail(str(e), code=2)
+    return spec.model_copy(update={"state_dir": state_dir}) if state_dir else spec

@@ -27,7 +27,8 @@ def produce(
     with kafka_settings(servers) as cfg:
         try:
             stats = produce_records(cfg, source, topic, encoding=encoding, rate=rate, limit=limit,
-                                    key_field=key_field, partitions=partitions, progress=not quiet)
+                                    key_field=key_field, partitions=partitions,
+                                    progress=not quiet and not console.quiet)  # nor with --quiet / JSON logs
         except (ProduceError, FileNotFoundError, ValueError) as e:
             fail(str(e))
     console.print(f"produced [bold]{stats.records}[/] records to {topic} in {stats.seconds:.2f}s "

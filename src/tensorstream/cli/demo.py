@@ -70,7 +70,6 @@ def _worker(spec_json: bytes, bootstrap: str, key: str, q: Any,
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tensorstream.pipeline import Pipeline
 
     spec = PipelineSpec.model_validate_json(spec_json)
@@ -221,10 +220,15 @@ def _run_demo(cfg: KafkaConfig, console: Console, streams: tuple[DemoStream, ...
     return results
 
 
-def summary_table(results: dict[str, dict[str, Any]]) -> Table:
-    t = Table(title="tensorstream demo: PyTorch vs TensorFlow on the same streams", title_justify="left",
-              caption="accuracy: prequential (test-then-train); before/after drift: from the predictions topic; "
-                      "p50/p99: per-record latency in the pipeline", caption_justify="left")
+SUMMARY_TITLE = "tensorstream demo: PyTorch vs TensorFlow on the same streams"
+SUMMARY_NOTE = ("accuracy: prequential (test-then-train); before/after drift: from the predictions topic; "
+                "p50/p99: per-record latency in the pipeline")
+
+
+def summary_table(results: dict[str, dict[str, Any]], *, titled: bool = True) -> Table:
+    """The final table, one row per pipeline and backend (``titled``: with its title and note)."""
+    t = Table(title=SUMMARY_TITLE if titled else None, title_justify="left",
+              caption=SUMMARY_NOTE if titled else None, caption_justify="left")
     cols = ("pipeline", "backend", "accuracy", "before drift", "after drift", "rec/s", "p50 ms", "p99 ms",
             "RSS MB")
     for c in cols:
@@ -245,6 +249,24 @@ def summary_table(results: dict[str, dict[str, Any]]) -> Table:
     return t
 
 
+def print_summary(results: dict[str, dict[str, Any]], stdout: Console, *, as_json: bool = False) -> None:
+    """The results on ``stdout``: one JSON object (``as_json``), or the table.
+
+    Piped or captured, the title and the note are plain lines of their own: rich would
+    wrap a caption to the table's width and pad both with spaces.
+    """
+    if as_json:
+        from tensorstream.observe.logging import _nan_free
+
+        stdout.print(json.dumps(_nan_free(results), default=str), soft_wrap=True, highlight=False, markup=False)
+    elif stdout.is_terminal:
+        stdout.print(summary_table(results))
+    else:
+        stdout.print(SUMMARY_TITLE, soft_wrap=True, highlight=False)
+        stdout.print(summary_table(results, titled=False))
+        stdout.print(SUMMARY_NOTE, soft_wrap=True, highlight=False)
+
+
 def demo(
     bootstrap_servers: BootstrapOpt = None,
     backends: Annotated[str, typer.Option(help="Comma-separated backends to compare.")] = "torch,tensorflow",
@@ -253,8 +275,13 @@ def demo(
     dashboard: DashboardOpt = False,
     dashboard_port: DashboardPortOpt = 0,
     run_dir: RunDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on stdout "
+                                                         "instead of the table.")] = False,
 ) -> None:
-    """Stream drifting and real datasets through PyTorch and TensorFlow pipelines side by side."""
+    """Stream drifting and real datasets through PyTorch and TensorFlow pipelines side by side.
+
+    Progress goes to stderr; the final table (or JSON with --json) to stdout.
+    """
     chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
     bad = [b for b in chosen if b not in ("torch", "tensorflow")]
     if bad or not chosen:
@@ -266,8 +293,9 @@ def demo(
             results = run_demo(cfg, console, backends=chosen, observers=views, metrics_port=metrics_port)
     finally:
         views.close()
-    out.print(summary_table(results))
-    out.print(f"finished in {time.perf_counter() - t0:.0f}s; the embedded broker is stopped, nothing left running.")
+    print_summary(results, out, as_json=as_json)
+    console.print(f"finished in {time.perf_counter() - t0:.0f}s; the embedded broker is stopped, nothing left "
+                  "running.")
     if result_json:
         result_json.write_text(json.dumps(results, indent=2))
     if any("error" in r for r in results.values()):

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tensorstream.cli.common import console, fail
+from tensorstream.cli.common import console, fail, load_spec_or_fail
 from tensorstream.cli.common import out as stdout
 
 FormatOpt = Annotated[str, typer.Option(
@@ -55,18 +55,12 @@ def export(
     <OUT>.layout.json says how to build the input row (docs/export.md).
     """
     from tensorstream.export import FORMATS, ExportError, export_learner
-    from tensorstream.spec import SpecError, load_spec
 
     if (version is None) == (state is None):
         fail("give a checkpoint VERSION or --state FILE (one of them)", code=2)
     if backend is not None and backend not in FORMATS:
         fail(f"--backend {backend!r}: choose {' or '.join(FORMATS)}", code=2)
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as e:
-        fail(str(e), code=2)
-    if state_dir:
-        spec = spec.model_copy(update={"state_dir": state_dir})
+    spec = load_spec_or_fail(spec_path, state_dir)
 
     from tensorstream.checkpoint import CheckpointError, CheckpointStore, StateFileError, load_state
 

@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from tensorstream.checkpoint.versions import REJECT_REASONS, ModelAnnouncement
-from tensorstream.cli.common import console, fail, kafka_settings, out, resolve_bootstrap
+from tensorstream.cli.common import console, fail, kafka_settings, load_spec_or_fail, out, resolve_bootstrap
 
 app = typer.Typer(help="Model versions: list, show, promote, rollback.", no_args_is_help=True)
 
@@ -34,14 +34,8 @@ SpecArg = Annotated[Path, typer.Argument(metavar="PIPELINE.yaml", help="The pipe
 def _open(spec_path: Path, bootstrap: str | None, state_dir: str | None):  # noqa: ANN202
     from tensorstream.checkpoint.versions import ModelRegistry, SigningKeyError, resolve_key
     from tensorstream.pipeline.hotswap import env_key as _env_key
-    from tensorstream.spec import SpecError, load_spec
 
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as e:
-        fail(str(e), code=2)
-    if state_dir:
-        spec = spec.model_copy(update={"state_dir": state_dir})
+    spec = load_spec_or_fail(spec_path, state_dir)
     servers = resolve_bootstrap(bootstrap)
     v = spec.versions
     try:
@@ -148,14 +142,8 @@ def checkpoints(spec_path: SpecArg,
                 state_dir: Annotated[str | None, typer.Option(help="Override the spec's state_dir.")] = None) -> None:
     """The pipeline's checkpoints (verified), oldest first."""
     from tensorstream.checkpoint import CheckpointStore
-    from tensorstream.spec import SpecError, load_spec
 
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as e:
-        fail(str(e), code=2)
-    if state_dir:
-        spec = spec.model_copy(update={"state_dir": state_dir})
+    spec = load_spec_or_fail(spec_path, state_dir)
     infos = CheckpointStore(spec.checkpoint_url, keep_last=None).list(verify=True)
     t = Table(title=spec.checkpoint_url)
     t.add_column("id", no_wrap=True, min_width=15)  # ids are what users copy: never truncated

@@ -62,6 +62,7 @@ def run(
     Progress goes to stderr; the results (counts and metrics) to stdout, as JSON with --json.
     A first Ctrl-C / SIGTERM finishes the batch in hand, checkpoints and commits; a second forces the stop.
     """
+    from tensorstream.backends.check import check_model
     from tensorstream.delivery import RunControl
     from tensorstream.spec import SpecError, load_spec
 
@@ -71,6 +72,7 @@ def run(
     with stop_signals(control, summary=lambda: engine[0].summary() if engine else ""):
         try:
             spec = load_spec(spec_path, backend=backend)  # validated before any connection
+            check_model(spec)  # a user model: imported, built and checked in seconds (ModelCheckError)
         except SpecError as e:
             fail(str(e), code=2)
         if workers > 1:
@@ -94,6 +96,7 @@ def _run_one(spec: Any, control: Any, engine: list[Any], *, bootstrap_servers: s
              result_json: Path | None, save_state: str | None, state_dir: str | None, metrics_port: int | None,
              metrics_host: str, dashboard: bool, dashboard_port: int, run_dir: Path | None, as_json: bool,
              allow_empty: bool = False) -> None:
+    from tensorstream.backends.check import ModelCheckError
     from tensorstream.checkpoint import CheckpointError, StateFileError
     from tensorstream.data.produce import produce_records
     from tensorstream.kafka.admin import KafkaConnectError
@@ -129,6 +132,8 @@ def _run_one(spec: Any, control: Any, engine: list[Any], *, bootstrap_servers: s
                             control=control)
         except (StateFileError, CheckpointError) as e:
             fail(str(e))
+        except ModelCheckError as e:  # a user model built from a checkpoint or model.weights
+            fail(str(e), code=2)
         except OSError as e:  # the metrics port is taken
             fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {e.strerror or e}")
         engine.append(pipe.engine)
@@ -138,9 +143,9 @@ def _run_one(spec: Any, control: Any, engine: list[Any], *, bootstrap_servers: s
             try:
                 result = pipe.run(until_end=until_end, max_records=max_records, timeout=timeout)
                 views.result(key, result)
-            except (PipelineError, KafkaConnectError) as e:
+            except (PipelineError, KafkaConnectError, ModelCheckError) as e:  # ModelCheckError: at the first record
                 views.error(key, str(e))
-                fail(str(e), code=getattr(e, "exit_code", 1))
+                fail(str(e), code=getattr(e, "exit_code", 2 if isinstance(e, ModelCheckError) else 1))
             finally:
                 views.close()
                 pipe.obs.close()

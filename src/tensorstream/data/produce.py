@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tensorstream.codecs import encode_frame, encode_json
@@ -72,7 +73,7 @@ def _send(sink: KafkaSink, source: str, topic: str, encode: Any, rate: float, li
     t0 = time.perf_counter()
     bar = Progress(TextColumn("[bold]produce[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rps]:>10,.0f} rec/s"), TimeElapsedColumn(), disable=not progress,
-                   transient=False)
+                   transient=False, console=Console(stderr=True))  # chatter: stdout is for results (--json)
     with bar:
         task = bar.add_task(topic, total=total, rps=0.0)
         for rec in open_source(source, limit):

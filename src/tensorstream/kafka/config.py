@@ -29,6 +29,12 @@ SECRET_KEYS = frozenset({
 })
 
 
+#: librdkafka property (prefixes) that only consumers know
+_CONSUMER_ONLY = ("fetch.", "group.", "session.timeout.ms", "heartbeat.interval.ms", "max.poll.interval.ms",
+                  "auto.offset.reset", "enable.auto.", "auto.commit.", "enable.partition.eof", "isolation.level",
+                  "queued.m", "partition.assignment.strategy", "check.crcs")
+
+
 class KafkaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,11 +81,9 @@ class KafkaConfig(BaseModel):
         return self.to_librdkafka()
 
     def client_settings(self) -> dict[str, Any]:
-        """Settings valid for producers and admin clients (no group-only keys)."""
-        cfg = self.to_librdkafka()
-        for k in ("session.timeout.ms", "heartbeat.interval.ms", "max.poll.interval.ms"):
-            cfg.pop(k, None)
-        return cfg
+        """Settings valid for producers and admin clients: no consumer-only keys (``extra`` is shared
+        by every client; a consumer property would only earn a librdkafka warning elsewhere)."""
+        return {k: v for k, v in self.to_librdkafka().items() if not k.startswith(_CONSUMER_ONLY)}
 
     def masked(self) -> dict[str, Any]:
         """The settings with every secret replaced by asterisks (for display and logs)."""

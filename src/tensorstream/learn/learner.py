@@ -227,18 +227,11 @@ class OnlineLearner:
         self.drift.reset()
 
     def _outcome(self, n: int, rows: np.ndarray, P: np.ndarray, yhat: np.ndarray, **kw: Any) -> BatchOutcome:
-        """The outcome of a batch of ``n`` records whose rows ``rows`` were predicted ``P`` / ``yhat``."""
-        predictions: list[dict[str, Any] | None] = [None] * n
-        if self.task == "regression":
-            preds: list[dict[str, Any]] = [{"value": v} for v in yhat.tolist()]
-        else:
-            classes = self.classes
-            preds = [{"label": classes[i] if 0 <= i < len(classes) else None, "proba": row}
-                     for i, row in zip(yhat.tolist(), P.astype(np.float64).tolist(), strict=True)]
-        for i, pred in zip(rows.tolist(), preds, strict=True):
-            predictions[i] = pred
+        """The outcome of a batch of ``n`` records whose rows ``rows`` were predicted ``P`` / ``yhat``
+        (the per-record dicts of ``predictions`` are only built if someone asks for them)."""
         proba = None if self.task == "regression" else P
-        return BatchOutcome(predictions, rows=rows, proba=proba, predicted=yhat, **kw)
+        return BatchOutcome(None, rows=rows, proba=proba, predicted=yhat, n_records=n, classes=list(self.classes),
+                            **kw)
 
     def _predict_rows(self, X: np.ndarray, n_known: int) -> tuple[np.ndarray, np.ndarray]:
         """``(backend output, predicted index or value)`` with the model as it is."""

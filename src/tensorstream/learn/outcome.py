@@ -14,7 +14,7 @@ from tensorstream.features.records import BadRecord
 class BatchOutcome:
     """What one batch produced.
 
-    ``predictions[i]`` belongs to input record ``i``: ``{"label": <original
+    ``predictions[i]`` (a property) belongs to input record ``i``: ``{"label": <original
     label>, "proba": [p_0, ..., p_{n_outputs-1}]}`` for classification (``proba``
     in class-index order, see ``OnlineLearner.classes``), ``{"value": float}``
     for regression (original units), ``None`` for a record whose features or
@@ -35,7 +35,7 @@ class BatchOutcome:
     regression value, float64).
     """
 
-    predictions: list[dict[str, Any] | None]
+    prediction_list: list[dict[str, Any] | None] | None
     bad: list[BadRecord] = field(default_factory=list)
     loss: float | None = None
     n_learned: int = 0
@@ -48,3 +48,24 @@ class BatchOutcome:
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     proba: np.ndarray | None = None
     predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: with ``prediction_list`` None: the batch size and the class names (index order) that
+    #: ``predictions`` is built from, on first use (the run loop writes outputs from the arrays)
+    n_records: int = 0
+    classes: list[Any] = field(default_factory=list)
+
+    @property
+    def predictions(self) -> list[dict[str, Any] | None]:
+        """One dict (or None) per input record; built from the arrays the first time it is asked for."""
+        if self.prediction_list is None:
+            out: list[dict[str, Any] | None] = [None] * self.n_records
+            if self.proba is None:  # regression
+                preds: list[dict[str, Any]] = [{"value": v} for v in self.predicted.tolist()]
+            else:
+                classes, n = self.classes, len(self.classes)
+                preds = [{"label": classes[i] if 0 <= i < n else None, "proba": row}
+                         for i, row in zip(self.predicted.tolist(), self.proba.astype(np.float64).tolist(),
+                                           strict=True)]
+            for i, pred in zip(self.rows.tolist(), preds, strict=True):
+                out[i] = pred
+            self.prediction_list = out
+        return self.prediction_list

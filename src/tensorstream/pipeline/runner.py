@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from confluent_kafka import KafkaException, TopicPartition
 
 from tensorstream.backends import make_backend
+from tensorstream.backends.check import check_model
 from tensorstream.checkpoint import CheckpointError, CheckpointStore, StateFileError, load_state, save_state
 from tensorstream.codecs import DecodeError, get_codec
 from tensorstream.delivery import BadRateGuard, DeadLetters, DeliveryEngine, RunControl
@@ -48,6 +48,7 @@ from tensorstream.pipeline.events import EventWriter
 from tensorstream.pipeline.hotswap import ModelVersions, NoModelError
 from tensorstream.pipeline.labeljoin import MergedBatcher, decode_labels
 from tensorstream.pipeline.loop import PipelineError, StopConditions, run_loop
+from tensorstream.pipeline.outputs import PredictionWriter
 from tensorstream.pipeline.results import Progress, RunCounters, RunResult, peak_rss_mb
 from tensorstream.spec import PipelineSpec
 
@@ -69,17 +70,20 @@ class Pipeline:
                  on_progress: Callable[[Progress], None] | None = None,
                  commit_interval_s: float = 0.5, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", control: RunControl | None = None):
+        check_model(spec)  # a user model factory: importable, callable, the right outputs (before anything else)
         self.spec = spec
         self.kafka = kafka
         self.on_progress = on_progress
         self.commit_interval_s = commit_interval_s
         self.control = control or RunControl()
         self.codec = get_codec(spec.source.codec, **spec.source.codec_options())
-        self.sink_codec = None  # predictions as JSON; Avro (Confluent wire format) when the sink asks for it
+        sink_codec = None  # predictions as JSON; Avro (Confluent wire format) when the sink asks for it
         if spec.sink is not None and spec.sink.format == "avro-registry":
             from tensorstream.codecs.avro import PREDICTION_SCHEMA
 
-            self.sink_codec = get_codec("avro-registry", writer_schema=PREDICTION_SCHEMA, **spec.sink.codec_options())
+            sink_codec = get_codec("avro-registry", writer_schema=PREDICTION_SCHEMA, **spec.sink.codec_options())
+        self.writer = (PredictionWriter(spec.sink.topic, spec.sink.headers, sink_codec)
+                       if spec.sink is not None else None)
         # One rank of a data-parallel job when a world size > 1 is set (pipeline/distributed.py):
         # the engine's backend, joined to the job before anything is built or restored.
         dist_ctx = resolve_distributed(spec)
@@ -263,7 +267,7 @@ class Pipeline:
         stopped = lambda: self.control.stopping  # noqa: E731
         if self.batcher is not None:
             return self.batcher.next_batch(size, wait, stopped)
-        return next_batch(self.source, size, wait, stopped)
+        return next_batch(self.source, size, wait, stopped, adaptive=self.spec.batch.adaptive)
 
     def processed(self) -> int:
         return self.counters.records
@@ -353,7 +357,7 @@ class Pipeline:
         for b in outcome.bad:
             self._dead_letter(keep[b.index], b.error_type, b.message)
         if self.spec.sink is not None:
-            self._emit(keep, outcome.predictions, version)
+            self._emit(keep, outcome, version)
 
     def _check_labels(self, decoded: list[Any]) -> None:
         """Training on labels in the records, and none seen yet: warn, then stop (a misspelt label.field
@@ -399,27 +403,10 @@ class Pipeline:
             return f"{self.spec.name}@{n}" + (f"+g{gen}" if gen else "")
         return self.versions.model_version
 
-    def _emit(self, recs: list[Record], predictions: list[dict[str, Any] | None], version: str) -> None:
-        topic = self.spec.sink.topic  # type: ignore[union-attr]
-        encode = (self.sink_codec.encode if self.sink_codec is not None
-                  else lambda out: orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY))
-        version_header = ("model.version", version.encode())
-        per_tp: dict[TP, tuple[tuple[str, bytes], tuple[str, bytes]]] = {}  # headers shared by a partition's records
-        out: list[tuple[bytes, bytes | None, list[tuple[str, bytes]], int]] = []
-        for rec, pred in zip(recs, predictions, strict=True):
-            if pred is None:
-                continue
-            value = encode({**pred, "model_version": version,
-                            "source": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}})
-            tp_headers = per_tp.get((rec.topic, rec.partition))
-            if tp_headers is None:
-                tp_headers = per_tp[(rec.topic, rec.partition)] = (
-                    ("source.topic", rec.topic.encode()), ("source.partition", str(rec.partition).encode()))
-            headers = [version_header, *tp_headers, ("source.offset", str(rec.offset).encode())]
-            if rec.timestamp_ms:
-                headers.append(("event.timestamp.ms", str(rec.timestamp_ms).encode()))
-            out.append((value, rec.key, headers, rec.timestamp_ms or 0))
-        self.sink.produce_many(topic, out)
+    def _emit(self, recs: list[Record], outcome: Any, version: str) -> None:
+        """One prediction record per predicted input record (see pipeline/outputs.py)."""
+        out = self.writer.build(recs, outcome.rows, outcome.proba, outcome.predicted, outcome.classes, version)
+        self.sink.produce_many(self.writer.topic, out)
         self.counters.predictions += len(out)
         self.obs.on_predictions(len(out))
         self.sink.poll(0)

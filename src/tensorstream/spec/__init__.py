@@ -52,21 +52,35 @@ __all__ = [
 class PipelineSpec(_Strict):
     #: names the consumer group, the <name>.dlq/.models/.events topics and the state folder
     name: str = Field(default="pipeline", pattern=r"^[A-Za-z0-9._-]+$", max_length=200)
+    #: the framework that runs the model; the same spec runs on either (``run --backend`` overrides it)
     backend: BackendName = "torch"
+    #: ``train``: learn from labelled records, no predictions topic needed; ``infer``: predict with a
+    #: trained model (``model.weights`` or ``versions.watch``); ``train+infer``: test-then-train, one
+    #: prediction per record
     mode: Mode = "train+infer"
+    #: the topic records come from, and how they are encoded
     source: SourceSpec
+    #: the predictions topic (needed by ``infer`` and ``train+infer``)
     sink: SinkSpec | None = None
+    #: record fields -> the model's input vector
     features: FeatureSpec
+    #: the label field and the task (needed to train)
     label: LabelSpec | None = None
+    #: the model: built-in ``mlp`` / ``linear``, or your own factory
     model: ModelSpec = Field(default_factory=ModelSpec)
+    #: micro-batching of the records
     batch: BatchSpec = Field(default_factory=BatchSpec)
+    #: how the model learns (per record or per mini-batch, replay)
     learn: LearnSpec = Field(default_factory=LearnSpec)
     #: concept drift: detector, adaptation policy (off by default)
     drift: DriftSpec = Field(default_factory=DriftSpec)
     #: labels on a second topic, joined by key (default: the label is in the record)
     labels: DelayedLabelsSpec | None = None
+    #: when training state is written (and offsets committed after it)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    #: model versions announced on ``<name>.models`` and hot-swapped by inference workers
     versions: VersionsSpec = Field(default_factory=VersionsSpec)
+    #: when bad records (sent to ``<name>.dlq``) stop the pipeline
     dead_letter: DeadLetterSpec = Field(default_factory=DeadLetterSpec)
     #: data-parallel training on N ranks (docs/distributed.md); one process by default
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)

@@ -49,9 +49,13 @@ class SourceSpec(_Strict):
     # ``schema`` is a BaseModel attribute: the field is ``schema_``, spelled ``schema`` in specs.
     model_config = ConfigDict(extra="forbid", validate_by_name=True, serialize_by_alias=True)
 
+    #: the topic to read (it must exist, unless ``create``)
     topic: str = Field(min_length=1)
+    #: how record values are encoded: JSON objects, tensor frames (docs/tensor-frame-format.md),
+    #: Avro with the schema in the spec, or Avro in the Confluent Schema Registry wire format
     codec: Literal["json", "frame", "avro", "avro-registry"] = "json"
     group_id: str | None = None  # default: "tensorstream.<pipeline name>"
+    #: where a group without committed offsets (and a trainer without a checkpoint) starts
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     #: create the source topic (and the labels topic) when missing; by default a missing source
     #: topic stops the run before it starts (a typo would otherwise wait forever on an empty topic)
@@ -95,13 +99,20 @@ class SourceSpec(_Strict):
 class SinkSpec(_Strict):
     """Where predictions go (one record per input record, same key)."""
 
+    #: the topic predictions are written to (created if missing)
     topic: str = Field(min_length=1)
     #: ``json``, or ``avro-registry``: Avro in the Confluent wire format, with the
     #: predictions schema (``codecs.avro.PREDICTION_SCHEMA``) registered under ``subject``
     format: Literal["json", "avro-registry"] = "json"
     #: default ``<topic>-value`` (the TopicNameStrategy)
     subject: str | None = None
+    #: the registry of ``format: avro-registry``
     schema_registry: SchemaRegistrySpec | None = None
+    #: headers on each prediction (the value always carries the model version and the source
+    #: position): ``version`` = ``model.version``; ``all`` adds ``source.topic``,
+    #: ``source.partition``, ``source.offset``, ``event.timestamp.ms``; ``none``. Each header
+    #: costs per record: five of them doubled the time to produce a prediction (pipeline/outputs.py)
+    headers: Literal["version", "all", "none"] = "version"
 
     @model_validator(mode="after")
     def _avro_needs(self) -> SinkSpec:

@@ -101,6 +101,8 @@ class LabelSpec(_Strict):
     #: the label's field; a dotted path reads nested mappings (``target.value``), but a
     #: key that exists literally with the dots wins
     field: str = Field(min_length=1)
+    #: ``classification``: one output per class, softmax cross-entropy, accuracy/F1/log-loss;
+    #: ``regression``: one output, squared error, MAE/RMSE
     task: Literal["classification", "regression"] = "classification"
     #: fixed class set (labels outside it are bad records); None = growing set
     classes: list[Any] | None = None
@@ -152,9 +154,12 @@ class LabelSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
+    #: the optimizer, the same in both frameworks (its state is checkpointed)
     name: Literal["sgd", "adam"] = "adam"
+    #: learning rate
     lr: float = Field(default=1e-2, gt=0, le=10)
     momentum: float = Field(default=0.0, ge=0, lt=1)  # sgd only
+    #: decoupled weight decay (each step first shrinks the weights by lr * weight_decay)
     weight_decay: float = Field(default=0.0, ge=0)
 
 
@@ -168,13 +173,20 @@ class ModelSpec(_Strict):
     torch or a ``keras.Model`` for tensorflow.
     """
 
+    #: ``mlp``, ``linear``, or your own factory ``"module:function"`` (docs/custom-models.md);
+    #: the module is found among the installed packages, then in the current directory
     kind: str = "mlp"
+    #: hidden layer widths of ``kind: mlp``
     hidden: list[int] = Field(default_factory=lambda: [32])
+    #: the hidden layers' activation (built-in models)
     activation: Literal["relu", "tanh"] = "relu"
+    #: ``auto``: cross-entropy for a classification, squared error for a regression
     loss: Literal["auto", "cross_entropy", "mse"] = "auto"
+    #: the optimizer and its learning rate
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     #: torch.compile (torch) / XLA jit_compile (tensorflow)
     compile: bool = False
+    #: seeds the initial weights (built-in models: the same numbers in both frameworks) and dropout
     seed: int = 0
     #: intra-op threads of the framework (None = its default). Small models on a
     #: busy machine run much faster with 1: torch's default thread pool can be
@@ -220,6 +232,7 @@ class LearnSpec(_Strict):
     #: (seeded) from a buffer of recently learned ones; 0 = off. Helps small
     #: non-linear streams and recurring concepts; the buffer is checkpointed.
     replay: int = Field(default=0, ge=0, le=65_536)
+    #: records the replay buffer holds
     replay_buffer: int = Field(default=1000, ge=1, le=10_000_000)
     #: which records the buffer keeps: the last ``replay_buffer`` learned
     #: (``recent``), or a uniform sample of all of them (``reservoir``, Vitter's

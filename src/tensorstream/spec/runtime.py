@@ -10,10 +10,24 @@ from tensorstream.spec.base import _Strict
 
 
 class BatchSpec(_Strict):
-    """Micro-batching: a batch closes at max_size records or after max_wait_ms."""
+    """Micro-batching: a batch closes at ``max_size`` records, or when nothing more is buffered
+    (``adaptive``), or ``max_wait_ms`` after its first record.
 
+    Adaptive (default): the loop only gathers a batch when the model is idle, so a batch is
+    what arrived meanwhile: one record at a time at low load (latency close to the broker's),
+    full batches under load (throughput). With per-record learning (``learn.learning``) the
+    batch size never changes what is learned. ``adaptive: false`` waits up to ``max_wait_ms``
+    for a batch to fill: reproducible mini-batches for ``learn.learning: mini_batch``.
+    """
+
+    #: records per batch at most (a larger batch is faster; with ``learn.learning: per_record``
+    #: it learns the same)
     max_size: int = Field(default=32, ge=1, le=65_536)
+    #: a batch closes this long after its first record at the latest
     max_wait_ms: float = Field(default=20.0, ge=0, le=60_000)
+    #: a batch is what arrived while the model worked (see above); ``false``: wait up to
+    #: ``max_wait_ms`` for ``max_size`` records
+    adaptive: bool = True
 
 
 class CheckpointSpec(_Strict):
@@ -30,7 +44,9 @@ class CheckpointSpec(_Strict):
     #: A crash replays at most this much; each checkpoint writes, fsyncs and commits,
     #: which at 5,000 cost ~5 % of a 20,000 rec/s pipeline (benchmarks/bench_streaming_tax.py)
     every_records: int = Field(default=50_000, ge=1)
+    #: seconds between checkpoints (or ``every_records``, whichever comes first)
     every_seconds: float = Field(default=30.0, gt=0)
+    #: the newest good checkpoints kept after each save (promoted ones are kept too)
     keep_last: int = Field(default=5, ge=1)
 
 
@@ -80,6 +96,7 @@ class DistributedSpec(_Strict):
     rank: int | None = Field(default=None, ge=0)
     #: torch: rank 0's rendezvous address and port; unset: $MASTER_ADDR / $MASTER_PORT, else 127.0.0.1:29500
     master_addr: str | None = None
+    #: torch: rank 0's rendezvous port (see ``master_addr``)
     master_port: int | None = Field(default=None, ge=1, le=65_535)
     #: tensorflow: ``host:port`` of every rank's collective server, in rank order (TF_CONFIG's
     #: cluster); unset: $TF_CONFIG when set, else master_addr with ports master_port + rank

@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+from tensorstream.backends.frameworks import quiet_framework_import
 
 try:
     # torch's compiler stack (torch._dynamo -> triton) must be imported before
@@ -26,9 +25,11 @@ try:
 except ImportError:
     pass
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+with quiet_framework_import():
+    import keras
+    import tensorflow as tf
 
 from tensorstream.vision.grid import STRIDE, Detections, Target, decode_grid, encode_grid_targets  # noqa: E402
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from tensorstream.pipeline.distributed.context import ENV
+from tensorstream.pipeline.workers import supervise
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +45,4 @@ def launch_ranks(n: int, run_args: Sequence[str], *, rank0_args: Sequence[str] =
     procs = [subprocess.Popen([sys.executable, "-m", "tensorstream", "run", *run_args, *(rank0_args if i == 0 else ())],
                               env={**base, ENV + "RANK": str(i)}) for i in range(n)]
     log.info("started %d ranks: %s", n, [p.pid for p in procs])
-
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    prev = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    failed_at: float | None = None
-    try:
-        while any(p.poll() is None for p in procs):
-            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
-                failed_at = time.monotonic()
-                forward(signal.SIGTERM, None)
-            if failed_at is not None and time.monotonic() - failed_at > grace_s:
-                break
-            time.sleep(0.2)
-    finally:
-        for s, h in prev.items():
-            signal.signal(s, h)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    codes = [p.returncode for p in procs]
-    return next((c for c in codes if c), 0)
+    return supervise(procs, stop_all_on_failure_s=grace_s)
