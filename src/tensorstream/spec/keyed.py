@@ -119,15 +119,16 @@ class WindowSpec(_Strict):
 class KeyedStateSpec(_Strict):
     """Bounds, lateness and storage of the per-key state."""
 
-    #: a key not seen for this long (event time, against the stream's watermark) is dropped
+    #: a key not seen for this long (event time, against the stream's watermark) is dropped;
+    #: milliseconds or a duration (``7d``)
     ttl: int | None = None
-    #: at most this many keys; beyond, the least recently seen are evicted (``keys_evicted``)
+    #: at most this many keys; beyond, the least recently seen are evicted (``state_keys_evicted``)
     max_keys: int | None = Field(default=None, ge=1)
     #: TTL and max_keys are enforced every this many records (deterministic points of the
     #: stream, so the batch size never changes which keys are dropped)
     sweep_every: int = Field(default=1000, ge=1, le=10_000_000)
     #: how far behind the watermark (the largest event time seen) a record may be and still
-    #: enter its windows; later ones are late
+    #: enter its windows; later ones are late (``late_records``); milliseconds or a duration
     allowed_lateness: int = 0
     #: late records: ``count`` (predicted and learned, kept out of the windows) or ``dead_letter``
     late: Literal["count", "dead_letter"] = "count"
