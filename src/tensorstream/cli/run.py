@@ -113,7 +113,10 @@ def _run_one(spec: Any, control: Any, engine: list[Any], *, bootstrap_servers: s
         spec = spec.model_copy(update={"state_dir": tmp_state.name})
     with kafka_settings(servers) as cfg:
         if produce_from:
-            produce_records(cfg, produce_from, spec.source.topic, limit=limit, progress=not console.quiet)
+            # keyed state wants a key's records on one partition: key them by the state key field
+            key = spec.features.key if spec.features.key and not spec.features.key.startswith("@") else None
+            produce_records(cfg, produce_from, spec.source.topic, limit=limit, key_field=key,
+                            progress=not console.quiet)
         status = console.status(f"[bold]{spec.name}[/] ({spec.backend}, {spec.mode}): joining the group ...")
         views = observers(dashboard, dashboard_port, run_dir)
         key = f"{spec.name}/{spec.backend}"
@@ -182,7 +185,8 @@ def print_result(result: Any, *, as_json: bool = False) -> None:
     console.print(f"[green]done[/]: {result.records:,} records, {result.predictions:,} predictions, "
                   f"{result.bad:,} dead letters, {result.records_per_s:,.0f} rec/s")
     for k, v in {**counts, "records_per_s": round(result.records_per_s, 1), **metrics}.items():
-        out.print(f"{k:<20} {v}" if isinstance(v, int) else f"{k:<20} {v:.4f}", highlight=False, soft_wrap=True)
+        text = v if isinstance(v, int) else (f"{v:.1f}" if k == "records_per_s" else f"{v:.4f}")
+        out.print(f"{k:<20} {text}", highlight=False, soft_wrap=True)
     out.print(f"{'model_version':<20} {result.model_version}", highlight=False, soft_wrap=True)
 
 

@@ -42,7 +42,7 @@ def labels_of(y: np.ndarray, labelled: np.ndarray) -> np.ndarray:
     return np.where(labelled, y.astype(np.float64), np.nan)
 
 
-def keyed_snapshot(features: FeaturePipeline) -> dict[str, float]:
+def keyed_snapshot(features: FeaturePipeline) -> dict[str, int]:
     """The stateful features' counters (keys held, evicted, expired; late records ...)."""
     if features.keyed is None:
         return {}

@@ -258,11 +258,11 @@ class KeyedFeatures:
 
     # -------------------------------------------------------------------- state
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self) -> dict[str, int]:
+        """Counts (Python ints, so results print them as counts)."""
         c = self.counters
-        return {"keys": float(self.store.n_keys), "keys_expired": float(c["keys_expired"]),
-                "keys_evicted": float(c["keys_evicted"]), "late_records": float(c["late_records"]),
-                "window_truncated": float(c["window_truncated"]), "key_mismatch": float(c["key_mismatch"])}
+        return {"keys": int(self.store.n_keys), **{k: int(c[k]) for k in
+                ("keys_expired", "keys_evicted", "late_records", "window_truncated", "key_mismatch")}}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """``meta`` (JSON: watermark, records seen, counters, row layout, store), ``store/...``, ``scaler/...``."""
