@@ -48,3 +48,37 @@ def start_run(spec_path: Path, bootstrap: str, *args: str, env: dict[str, str] |
                          start_new_session=True)
     STARTED.append(p)
     return p
+
+
+def newest_checkpoint(url: str) -> str:
+    """The newest checkpoint's id ("" if none): ids sort by creation; retention prunes old ones."""
+    try:
+        return max((n for n in os.listdir(url) if n[:1].isdigit()), default="")
+    except FileNotFoundError:
+        return ""
+
+
+def kill_at_random_points(spec_path: Path, bootstrap: str, url: str, *, kills: int, rng, log: Path,
+                          wait_s: float = 120, finish_s: float = 300) -> int:
+    """Start ``run --until-end``, wait until it wrote a checkpoint of its own (mid-stream, learning),
+    SIGKILL it at a random moment (mid-batch, mid-checkpoint, mid-commit: anywhere); ``kills`` times.
+    Then run it to the end of the stream (must exit 0). Returns how many kills happened."""
+    import signal
+    import time
+
+    done = 0
+    while done < kills:
+        before = newest_checkpoint(url)
+        p = start_run(spec_path, bootstrap, "--until-end", log=log)
+        deadline = time.monotonic() + wait_s
+        while newest_checkpoint(url) <= before and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if p.poll() is not None:
+            break  # it finished the stream before it could be killed
+        time.sleep(rng.uniform(0.0, 0.15))
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        done += 1
+    p = start_run(spec_path, bootstrap, "--until-end", log=log)
+    assert p.wait(finish_s) == 0, log.read_text()[-3000:]
+    return done

@@ -9,15 +9,12 @@ trainer is always mid-stream when it is killed.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import time
 
 import numpy as np
 import pytest
 
-from procutil import start_run, write_spec
+from procutil import kill_at_random_points, write_spec
 from tensorstream.checkpoint import CheckpointStore
 from tensorstream.examples import example_spec
 from tensorstream.pipeline import Pipeline
@@ -40,13 +37,6 @@ def _spec(backend: str, topic: str, state_dir: str, name: str):
     })
 
 
-def _newest_checkpoint(url: str) -> str:
-    """The newest checkpoint's id ("" if none): ids sort by creation; retention prunes old ones."""
-    try:
-        return max((n for n in os.listdir(url) if n[:1].isdigit()), default="")
-    except FileNotFoundError:
-        return ""
-
 
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
 def test_sigkill_at_random_points_learns_every_record_exactly_once(backend, broker, kafka_config, topic_factory,
@@ -59,24 +49,8 @@ def test_sigkill_at_random_points_learns_every_record_exactly_once(backend, brok
     spec_path = write_spec(spec, tmp_path / "spec.yaml")
     log = tmp_path / "trainer.log"
     url = spec.checkpoint_url
-    kills = 0
-    while kills < KILLS:
-        before = _newest_checkpoint(url)
-        p = start_run(spec_path, broker.bootstrap_servers, "--until-end", log=log)
-        # Wait until this incarnation has written a checkpoint of its own (it is
-        # mid-stream, learning), then kill it at a random moment.
-        deadline = time.monotonic() + 90
-        while _newest_checkpoint(url) <= before and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if p.poll() is not None:
-            break  # it finished the stream before we could kill it
-        time.sleep(rng.uniform(0.0, 0.15))  # mid-batch, mid-checkpoint, mid-commit: anywhere
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        kills += 1
-    # Restart until the stream is consumed.
-    p = start_run(spec_path, broker.bootstrap_servers, "--until-end", log=log)
-    assert p.wait(180) == 0, log.read_text()[-3000:]
+    kills = kill_at_random_points(spec_path, broker.bootstrap_servers, url, kills=KILLS, rng=rng, log=log,
+                                  wait_s=90, finish_s=180)
     assert kills == KILLS, f"only {kills} kills happened before the stream ended: raise N_RECORDS"
 
     state, info = CheckpointStore(url).latest()

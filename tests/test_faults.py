@@ -52,11 +52,11 @@ class RecordingLearner(OnlineLearner):
         self.fail_at_batch: int | None = None
         self.batches = 0
 
-    def process(self, records, train=True):
+    def process(self, records, train=True, **kw):
         self.batches += 1
         if self.fail_at_batch is not None and self.batches == self.fail_at_batch:
             raise RuntimeError("injected: the learner crashed mid-batch")
-        out = super().process(records, train)
+        out = super().process(records, train, **kw)
         if train:
             skip = {b.index for b in out.bad} | set(out.unlabelled)
             self.learned_ids += [r["id"] for i, r in enumerate(records) if i not in skip]
@@ -212,11 +212,11 @@ def test_a_fault_at_each_step_loses_nothing_and_learns_nothing_twice(step, mode,
                 real_predict = pipe.learner.predict
                 calls = {"n": 0}
 
-                def predict(records):
+                def predict(records, **kw):
                     calls["n"] += 1
                     if calls["n"] == 20:
                         raise RuntimeError("injected: the model crashed mid-batch")
-                    return real_predict(records)
+                    return real_predict(records, **kw)
 
                 pipe.learner.predict = predict
             else:

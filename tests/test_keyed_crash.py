@@ -7,17 +7,14 @@ Seeded; 5 kills per case: the memory store (torch) and the disk store (tensorflo
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import sqlite3
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from procutil import start_run, write_spec
+from procutil import kill_at_random_points, write_spec
 from tensorstream.checkpoint import CheckpointStore
 from tensorstream.data.produce import produce_records
 from tensorstream.examples import example_spec
@@ -41,12 +38,6 @@ def _spec(backend, store, topic, state_dir, name):
         "checkpoint": base.checkpoint.model_copy(update={"every_records": 200, "every_seconds": 60}),
     })
 
-
-def _newest_checkpoint(url: str) -> str:
-    try:
-        return max((n for n in os.listdir(url) if n[:1].isdigit()), default="")
-    except FileNotFoundError:
-        return ""
 
 
 def _keyed_rows(spec, state) -> dict[bytes, np.void]:
@@ -76,21 +67,8 @@ def test_sigkill_at_random_points_keeps_the_keyed_state_exact(backend, store, br
     spec_path = write_spec(spec, tmp_path / "spec.yaml")
     log = tmp_path / "trainer.log"
     url = spec.checkpoint_url
-    kills = 0
-    while kills < KILLS:
-        before = _newest_checkpoint(url)
-        p = start_run(spec_path, broker.bootstrap_servers, "--until-end", log=log)
-        deadline = time.monotonic() + 120
-        while _newest_checkpoint(url) <= before and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if p.poll() is not None:
-            break
-        time.sleep(rng.uniform(0.0, 0.15))
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        kills += 1
-    p = start_run(spec_path, broker.bootstrap_servers, "--until-end", log=log)
-    assert p.wait(300) == 0, log.read_text()[-3000:]
+    kills = kill_at_random_points(spec_path, broker.bootstrap_servers, url, kills=KILLS, rng=rng, log=log,
+                                  wait_s=120, finish_s=300)
     assert kills == KILLS, f"only {kills} kills happened before the stream ended: raise N_RECORDS"
 
     state, info = CheckpointStore(url).latest()

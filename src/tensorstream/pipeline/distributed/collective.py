@@ -103,8 +103,9 @@ class SyncedFeatures:
     def inner(self) -> FeaturePipeline:
         return self._inner
 
-    def transform_parsed(self, parsed: ParsedBatch, keep: np.ndarray | None = None,
-                         update: bool = True) -> np.ndarray:
+    def transform_parsed(self, parsed: ParsedBatch, keep: np.ndarray | None = None, update: bool = True,
+                         labels: np.ndarray | None = None, keyed_update: bool | None = None) -> np.ndarray:
+        # labels / keyed_update feed stateful features, which distributed training refuses (spec check)
         if keep is not None:
             parsed = parsed.select(keep)
         self.sync(parsed if update else None)
