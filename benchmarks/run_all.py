@@ -152,8 +152,9 @@ def render(out: Path, command: str) -> str:
     demo = _load(out / "bench-demo" / "results.json")
     info = next((d["machine"] for d in (tax, inf, peers, soak) if d), None) or (demo or {}).get("meta") or machine_info()
     raw = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
-    lines = [BEGIN, "", f"Machine: {describe(info)}. Command: `{command}` (raw output and JSON in `{raw}/`, not "
-             "committed). Method, profiles and discussion: [docs/benchmarks.md](docs/benchmarks.md). Wall-clock "
+    kept = "" if str(raw).startswith("benchmarks/") else ", not committed"
+    lines = [BEGIN, "", f"Machine: {describe(info)}. Command: `{command}` (raw output and JSON in `{raw}/`{kept}"
+             "). Method, profiles and discussion: [docs/benchmarks.md](docs/benchmarks.md). Wall-clock "
              "ratios on this shared machine move with the neighbours' load; the CPU-time ratios much less.", ""]
 
     lines += ["**Targets** (each a ratio or figure measured in the same run):", "",
