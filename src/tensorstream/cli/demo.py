@@ -211,6 +211,8 @@ def _run_demo(cfg: KafkaConfig, console: Console, streams: tuple[DemoStream, ...
                     results[key] = {"error": payload}
                     done.add(key)
                 live.update(_table(live_rows, stream.title))
+        if not console.is_terminal:  # rich leaves the last frame without a newline off a terminal
+            console.file.write("\n")
         for key, (p, spec) in procs.items():
             p.join(10)
             if key in results and "error" not in results[key]:
