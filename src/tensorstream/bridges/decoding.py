@@ -100,9 +100,7 @@ class RecordDecoder:
         return False
 
     def _decode_value(self, value: bytes | None) -> Any:
-        if value is None:
-            raise DecodeError("empty record value (tombstone)")
-        rec = self.codec.decode(value)
+        rec = self.codec.decode_value(value)
         if self.labels is not None and isinstance(rec, dict):
             y = rec.get(self.labels.field)
             if isinstance(y, np.ndarray) and y.ndim == 0:

@@ -184,7 +184,7 @@ def print_result(result: Any, *, as_json: bool = False) -> None:
         return
     console.print(f"[green]done[/]: {result.records:,} records, {result.predictions:,} predictions, "
                   f"{result.bad:,} dead letters, {result.records_per_s:,.0f} rec/s")
-    for k, v in {**counts, "records_per_s": round(result.records_per_s, 1), **metrics}.items():
+    for k, v in {**counts, "records_per_s": result.records_per_s, **metrics}.items():
         text = v if isinstance(v, int) else (f"{v:.1f}" if k == "records_per_s" else f"{v:.4f}")
         out.print(f"{k:<20} {text}", highlight=False, soft_wrap=True)
     out.print(f"{'model_version':<20} {result.model_version}", highlight=False, soft_wrap=True)

@@ -64,6 +64,12 @@ class Codec:
     def decode(self, data: bytes) -> Any:
         return self._decode(data)
 
+    def decode_value(self, value: bytes | None) -> Any:
+        """A Kafka record's value: like ``decode``, and an empty value (a tombstone) is a ``DecodeError``."""
+        if value is None:
+            raise DecodeError("empty record value (tombstone)")
+        return self._decode(value)
+
     def decode_batch(self, datas: Sequence[bytes]) -> Any:
         """JSON: a list of dicts. Frame: arrays stacked along a new first axis."""
         return self._decode_batch(datas)

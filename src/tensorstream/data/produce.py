@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tensorstream.codecs import encode_frame, encode_json
 from tensorstream.data.datasets import LABEL_FIELD, open_source, source_length
+from tensorstream.features.columns import MISSING, FieldPath
 from tensorstream.kafka import KafkaAdmin, KafkaConfig, KafkaSink
 
 
@@ -70,6 +71,7 @@ def produce_records(cfg: KafkaConfig, source: str, topic: str, *, encoding: str 
 def _send(sink: KafkaSink, source: str, topic: str, encode: Any, rate: float, limit: int | None,
           key_field: str | None, total: int | None, progress: bool) -> int:
     n = 0
+    key_path = FieldPath(key_field) if key_field is not None else None  # dotted paths too, as features.key
     t0 = time.perf_counter()
     bar = Progress(TextColumn("[bold]produce[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rps]:>10,.0f} rec/s"), TimeElapsedColumn(), disable=not progress,
@@ -82,10 +84,11 @@ def _send(sink: KafkaSink, source: str, topic: str, encode: Any, rate: float, li
                 if ahead > 0:
                     time.sleep(ahead)
             key = None
-            if key_field is not None:
-                if key_field not in rec:
+            if key_path is not None:
+                value = key_path.get(rec)
+                if value is MISSING:
                     raise ProduceError(f"record {n} has no key field {key_field!r}")
-                key = str(rec[key_field]).encode()
+                key = str(value).encode()
             sink.produce(topic, encode(rec), key=key)
             n += 1
             if n % 1000 == 0:

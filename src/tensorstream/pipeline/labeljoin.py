@@ -107,9 +107,7 @@ def decode_labels(recs: list[Record], codec: Any, field_name: str, key_field: st
     keep: list[Record] = []
     for rec in recs:
         try:
-            if rec.value is None:
-                raise DecodeError("empty record value (tombstone)")
-            d = codec.decode(rec.value)
+            d = codec.decode_value(rec.value)
         except DecodeError as e:
             dead_letter(rec, "decode_error", str(e))
             continue

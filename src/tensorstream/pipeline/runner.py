@@ -319,9 +319,7 @@ class Pipeline:
         keep: list[Record] = []
         for rec in features_batch:
             try:
-                if rec.value is None:
-                    raise DecodeError("empty record value (tombstone)")
-                decoded.append(self.codec.decode(rec.value))
+                decoded.append(self.codec.decode_value(rec.value))
                 keep.append(rec)
             except DecodeError as e:
                 self._dead_letter(rec, "decode_error", str(e))
